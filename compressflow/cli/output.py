@@ -1,0 +1,110 @@
+"""What the CLI prints: the plan, live progress (a lifecycle-hook observer), the summary."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from compressflow.hookspecs import hookimpl
+
+# wide enough for the summary even when stdout is not a terminal (rich would assume 80)
+console = Console(width=None if Console().is_terminal else 140)
+
+
+class ProgressObserver:
+    """Shows one bar for the pipeline's stages and one for the running stage's epochs."""
+
+    def __init__(self, progress: Progress, stage_count: int) -> None:
+        self.progress = progress
+        self.stages = progress.add_task("stages", total=stage_count)
+        self.current = None
+
+    @hookimpl
+    def stage_start(self, stage) -> None:
+        self.current = self.progress.add_task(f"{stage.name} ({stage.kind}/{stage.method})", total=None)
+
+    @hookimpl
+    def stage_progress(self, stage, step, total, metrics) -> None:
+        shown = "  ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+        self.progress.update(self.current, completed=step, total=total,
+                             description=f"{stage.name}  {shown}")
+
+    @hookimpl
+    def stage_end(self, stage, result) -> None:
+        self.progress.update(self.current, visible=False)
+        self.progress.advance(self.stages)
+        self.progress.console.print(f"[green]done[/] {stage.name}")
+
+    @hookimpl
+    def stage_error(self, stage, error) -> None:
+        self.progress.console.print(f"[red]failed[/] {stage.name}: {type(error).__name__}")
+
+
+@contextlib.contextmanager
+def progress_observer(plugins, stage_count: int, enabled: bool) -> Iterator[None]:
+    """Register a progress observer for the duration of a run."""
+    if not enabled:
+        yield
+        return
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*columns, console=console, transient=True) as progress:
+        observer = ProgressObserver(progress, stage_count)
+        plugins.add_observer(observer, "compressflow-cli-progress")
+        try:
+            yield
+        finally:
+            plugins.pm.unregister(name="compressflow-cli-progress")
+
+
+def print_plan(plan) -> None:
+    """The validated stages, their methods, providers and resolved params."""
+    table = Table(title=f"{plan.spec.name}: {len(plan.stages)} stages (dry run)")
+    for column in ("#", "stage", "kind/method", "plugin", "params"):
+        table.add_column(column)
+    for planned in plan.stages:
+        params = ", ".join(f"{k}={v}" for k, v in planned.stage.params.model_dump(mode="json").items())
+        table.add_row(str(planned.entry.index), planned.entry.name,
+                      f"{planned.stage.kind}/{planned.stage.method}", str(planned.provider), params)
+    console.print(table)
+
+
+def print_summary(ctx) -> None:
+    """One row a stage: the metric, size, sparsity, latency and ratios to the input."""
+    metric = ctx.spec.evaluation.metric
+    table = Table(title=f"{ctx.spec.name}  (experiment '{ctx.experiment}', run {ctx.run_id})")
+    for column in ("stage", "method", metric, "size_bytes", "sparsity", "latency_ms_b1",
+                   "smaller x", "faster x (b1)"):
+        table.add_column(column, overflow="fold")
+    for row in ctx.summary:
+        latency = row["latency_ms_b1"]
+        table.add_row(row["stage"], row["method"], f"{row[metric]:.4f}", f"{row['size_bytes']:,}",
+                      f"{row['sparsity']:.1%}", "-" if latency is None else f"{latency:.3f}",
+                      f"{row['size_ratio']:.2f}", f"{row['latency_b1_speedup']:.2f}")
+    console.print(table)
+    for row in ctx.summary:
+        if row["notes"]:
+            console.print(f"  {row['stage']}: {row['notes']}")
+    console.print(f"tracking: {ctx.tracking_uri}  (mlflow ui --backend-store-uri {ctx.tracking_uri})")
+
+
+def print_plugins(listing: dict) -> None:
+    """Stages (with params and defaults), then sources, datasets, metrics, broken plugins."""
+    table = Table(title="stages")
+    for column in ("kind/method", "provided by", "params (default)"):
+        table.add_column(column, overflow="fold")
+    for stage in listing["stages"]:
+        params = ", ".join(
+            f"{name}" + ("" if p["required"] else f"={p['default']}") for name, p in stage["params"].items())
+        default = " (default)" if stage["default"] else ""
+        table.add_row(f"{stage['kind']}/{stage['method']}{default}",
+                      f"{stage['plugin']}: {stage['distribution']} {stage['version']}", params)
+    console.print(table)
+    for section in ("model_sources", "datasets", "metrics"):
+        names = ", ".join(f"{e['name']} ({e['distribution']})" for e in listing[section])
+        console.print(f"[bold]{section.replace('_', ' ')}[/]: {names}")
+    for broken in listing["broken"]:
+        console.print(f"[red]broken[/]: {broken['entry_point']} from {broken['distribution']}: {broken['error']}")

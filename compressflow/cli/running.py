@@ -1,0 +1,65 @@
+"""``compressflow run`` and ``compressflow validate``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from compressflow.cli.errors import reports_errors
+
+PipelineArg = Annotated[Path, typer.Argument(help="The pipeline YAML file.", show_default=False)]
+SetOpt = Annotated[Optional[list[str]], typer.Option(
+    "--set", help="Override a value: --set stages.2.prune.sparsity=0.9 (repeatable).")]
+
+
+def _warn_broken(plugins) -> None:
+    import sys
+
+    for broken in plugins.broken:
+        print(f"warning: {broken.describe()}", file=sys.stderr)
+
+
+@reports_errors
+def validate(pipeline: PipelineArg, set_: SetOpt = None) -> None:
+    """Check a pipeline file, every stage's params included, without running anything."""
+    from compressflow.engine import validate as validate_plan
+    from compressflow.plugins import load_plugins
+
+    plugins = load_plugins()
+    _warn_broken(plugins)
+    plan = validate_plan(pipeline, set_ or [], plugins)
+    typer.echo(f"{pipeline}: valid, {len(plan.stages)} stages: "
+               + " -> ".join(f"{p.entry.name} ({p.stage.kind}/{p.stage.method})" for p in plan.stages))
+
+
+@reports_errors
+def run(
+    pipeline: PipelineArg,
+    set_: SetOpt = None,
+    experiment: Annotated[Optional[str], typer.Option(help="MLflow experiment (default: the pipeline's).")] = None,
+    tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow store (default: sqlite:///mlflow.db).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and show the plan; run nothing.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars; the summary only.")] = False,
+) -> None:
+    """Run a pipeline: every stage in order, every model and metric logged to MLflow.
+
+    Exit codes: 0 done, 1 a stage failed (its run is FAILED, earlier ones kept), 2 bad input.
+    """
+    from compressflow.cli.output import print_plan, print_summary, progress_observer
+    from compressflow.engine import validate as validate_plan
+    from compressflow.plugins import load_plugins
+
+    plugins = load_plugins()
+    _warn_broken(plugins)
+    plan = validate_plan(pipeline, set_ or [], plugins)
+    if dry_run:
+        print_plan(plan)
+        return
+    from compressflow.runner import PipelineRunner
+
+    runner = PipelineRunner(plan, tracking_uri, experiment)
+    with progress_observer(plugins, len(plan.stages), enabled=not quiet):
+        ctx = runner.run()
+    print_summary(ctx)

@@ -1,0 +1,178 @@
+"""Registrars handed to the ``register_*`` hooks, and the lookups the engine makes in them.
+
+Every entry remembers the plugin that added it, so that a duplicate name can name both
+providers and ``compressflow plugins`` can say which distribution a stage comes from.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Generic, TypeVar
+
+from compressflow.errors import ConfigError, PluginError
+
+if TYPE_CHECKING:
+    from compressflow.stage import Stage
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Provider:
+    """Who registered an entry: the plugin's entry-point name and its distribution."""
+
+    plugin: str
+    distribution: str = "?"
+    version: str = "?"
+
+    def __str__(self) -> str:
+        return f"plugin '{self.plugin}' ({self.distribution} {self.version})"
+
+
+UNKNOWN_PROVIDER = Provider("<unknown>")
+
+
+def nearest(word: str, known: list[str]) -> str:
+    """A ' (did you mean X?)' suffix when ``word`` is close to one of ``known``."""
+    close = difflib.get_close_matches(word, known, n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+class Registry(Generic[T]):
+    """Entries keyed by name; ``add`` refuses a name already taken."""
+
+    what = "entry"
+
+    def __init__(self) -> None:
+        self.entries: dict[str, T] = {}
+        self.providers: dict[str, Provider] = {}
+        self.current_provider = UNKNOWN_PROVIDER
+
+    def add(self, name: str, value: T) -> None:
+        """Register ``value`` under ``name``; a name taken by any plugin raises PluginError."""
+        if name in self.entries:
+            raise PluginError(
+                f"{self.what} '{name}' is registered twice: by {self.providers[name]} "
+                f"and by {self.current_provider}",
+                "uninstall one of the two distributions, or rename the entry in one of them",
+            )
+        self.entries[name] = value
+        self.providers[name] = self.current_provider
+
+    def get(self, name: str, place: str = "") -> T:
+        """The entry for ``name``, or a ConfigError listing the known names."""
+        if name not in self.entries:
+            known = sorted(self.entries)
+            where = f"{place}: " if place else ""
+            raise ConfigError(
+                f"{where}unknown {self.what} '{name}'{nearest(name, known)}",
+                f"known: {', '.join(known) or 'none'}; `compressflow plugins` lists them all",
+            )
+        return self.entries[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.entries
+
+    def names(self) -> list[str]:
+        """Registered names, sorted."""
+        return sorted(self.entries)
+
+
+class ModelSourceRegistry(Registry[Any]):
+    """Model source schemes (``zoo``, ``file``, ``mlflow``, ...)."""
+
+    what = "model source scheme"
+
+
+class DatasetRegistry(Registry[Callable[..., Any]]):
+    """Dataset factories by name."""
+
+    what = "dataset"
+
+
+@dataclass(frozen=True)
+class MetricEntry:
+    """A task metric: ``fn(model, loader) -> float`` and which way is better."""
+
+    fn: Callable[..., float]
+    higher_is_better: bool = True
+
+
+class MetricRegistry(Registry[MetricEntry]):
+    """Task metrics by name."""
+
+    what = "metric"
+
+    def add(self, name: str, fn: Callable[..., float], higher_is_better: bool = True) -> None:  # type: ignore[override]
+        """Register metric ``fn(model, loader) -> float`` under ``name``."""
+        super().add(name, MetricEntry(fn, higher_is_better))
+
+
+class StageRegistry:
+    """Stage classes keyed by ``(kind, method)``; each kind has a default method."""
+
+    def __init__(self) -> None:
+        self.stages: dict[tuple[str, str], type[Stage]] = {}
+        self.providers: dict[tuple[str, str], Provider] = {}
+        self.current_provider = UNKNOWN_PROVIDER
+
+    def add(self, stage_class: type[Stage]) -> None:
+        """Register a Stage subclass under its ``(kind, method)``."""
+        key = (stage_class.kind, stage_class.method)
+        if key in self.stages:
+            raise PluginError(
+                f"stage '{key[0]}/{key[1]}' is registered twice: by {self.providers[key]} "
+                f"and by {self.current_provider}",
+                "uninstall one of the two distributions, or rename the method in one of them",
+            )
+        if stage_class.default:
+            taken = [m for (k, m), c in self.stages.items() if k == key[0] and c.default]
+            if taken:
+                other = self.providers[(key[0], taken[0])]
+                raise PluginError(
+                    f"kind '{key[0]}' has two default methods: '{taken[0]}' by {other} "
+                    f"and '{key[1]}' by {self.current_provider}",
+                    "only one method of a kind may set default = True",
+                )
+        self.stages[key] = stage_class
+        self.providers[key] = self.current_provider
+
+    def kinds(self) -> list[str]:
+        """Every registered kind, sorted."""
+        return sorted({kind for kind, _ in self.stages})
+
+    def methods(self, kind: str) -> list[str]:
+        """Every method of ``kind``, sorted."""
+        return sorted(m for k, m in self.stages if k == kind)
+
+    def default_method(self, kind: str) -> str | None:
+        """The method used when a pipeline names none: the declared default, or the only one."""
+        methods = self.methods(kind)
+        declared = [m for m in methods if self.stages[(kind, m)].default]
+        if declared:
+            return declared[0]
+        return methods[0] if len(methods) == 1 else None
+
+    def get(self, kind: str, method: str | None, place: str) -> type[Stage]:
+        """The stage class for ``kind``/``method``, or a ConfigError naming what exists."""
+        if kind not in self.kinds():
+            raise ConfigError(
+                f"{place}: unknown stage kind '{kind}'{nearest(kind, self.kinds())}",
+                f"known kinds: {', '.join(self.kinds())}; a stage entry holds exactly one kind key "
+                "besides 'name' and 'data'",
+            )
+        methods = self.methods(kind)
+        if method is None:
+            method = self.default_method(kind)
+            if method is None:
+                raise ConfigError(
+                    f"{place}: stage kind '{kind}' needs a method",
+                    f"add `method:` with one of: {', '.join(methods)}",
+                )
+        if (kind, method) not in self.stages:
+            raise ConfigError(
+                f"{place}: unknown {kind} method '{method}'{nearest(method, methods)}",
+                f"methods of '{kind}': {', '.join(methods)}; `compressflow plugins` lists them all",
+            )
+        return self.stages[(kind, method)]

@@ -1,0 +1,278 @@
+"""Running a validated Plan: the input model first, then each stage, each measured and logged.
+
+A stage gets a copy of the previous model, so every earlier model stays as it was (for
+``ctx.model_at`` and for MLflow). A stage that raises leaves its run FAILED with the
+traceback as ``error.txt``; everything logged before it stays.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+import traceback
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from compressflow.engine import Plan, PlannedStage, source_context
+from compressflow.errors import CompressflowError, ConfigError, StageFailed
+from compressflow.measure import measure_model, ratios_to_input
+from compressflow.stage import DataBundle, DataSpec, ModelSpec, PipelineContext, StageContext, StageResult
+from compressflow.tracking import DEFAULT_URI, Tracker, flatten, git_commit
+
+if TYPE_CHECKING:
+    from torch import nn
+
+INPUT = "input"
+
+
+class PipelineRunner:
+    """Runs one Plan into one MLflow parent run."""
+
+    def __init__(self, plan: Plan, tracking_uri: str | None = None, experiment: str | None = None):
+        spec = plan.spec
+        self.plan, self.spec, self.plugins = plan, spec, plan.plugins
+        self.uri = tracking_uri or spec.tracking.uri or DEFAULT_URI
+        self.experiment = experiment or spec.tracking.experiment or spec.name
+        self.ctx = PipelineContext(spec, plan.file.path, self.uri, self.experiment)
+        self.models: dict[str, nn.Module] = {}
+        self.data_cache: dict[str, DataBundle] = {}
+        self.workdir = Path(tempfile.mkdtemp(prefix="compressflow-"))
+        self.tracker: Tracker | None = None
+
+    # --- what stages may ask for ----------------------------------------------------------
+
+    def build_model(self, model_spec: ModelSpec, place: str = "model") -> nn.Module:
+        """Load a model through its source plugin; a failure is the user's input, exit 2."""
+        source = self.plugins.model_sources.get(model_spec.scheme, place)
+        load = source.load if hasattr(source, "load") else source
+        context = source_context(self.plan.file, model_spec, place, self.uri,
+                                 lambda inner: self.build_model(inner, place))
+        try:
+            return load(model_spec.reference, model_spec.args, context)
+        except CompressflowError:
+            raise
+        except Exception as error:
+            raise ConfigError(
+                f"{place}: model source '{model_spec.source}' failed: {type(error).__name__}: {error}",
+                "check the reference and args; COMPRESSFLOW_DEBUG=1 shows the traceback",
+            ) from error
+
+    def data_for(self, data_spec: DataSpec) -> DataBundle:
+        """The loaders for ``data_spec``, built once per distinct spec."""
+        key = data_spec.model_dump_json()
+        if key not in self.data_cache:
+            factory = self.plugins.datasets.get(data_spec.dataset)
+            input_shape = getattr(self.models.get(INPUT), "input_shape", None)
+            self.data_cache[key] = factory(data_spec, self.spec.seed, input_shape)
+        return self.data_cache[key]
+
+    def evaluate(self, model: nn.Module, loader: Any = None) -> dict[str, float]:
+        """The task metric and the extra metrics on ``loader`` (default: validation)."""
+        loader = loader if loader is not None else self.data_for(self.spec.data).val
+        names = [self.spec.evaluation.metric, *self.spec.evaluation.extra]
+        model.eval()
+        return {name: float(self.plugins.metrics.get(name).fn(model, loader)) for name in names}
+
+    def model_at(self, ref: str, current: str) -> nn.Module:
+        """A copy of the model after stage ``ref`` (``previous``: the one before ``current``)."""
+        names = list(self.models)
+        if ref == "previous":
+            ref = names[-1]
+        if ref not in self.models:
+            raise ConfigError(f"stage '{current}': no model '{ref}' yet", f"known: {', '.join(names)}")
+        return copy.deepcopy(self.models[ref])
+
+    # --- the run --------------------------------------------------------------------------
+
+    def run(self) -> PipelineContext:
+        """Preflight (input model and data, exit 2 on failure), then every stage in order."""
+        import torch
+
+        torch.manual_seed(self.spec.seed)
+        self.models[INPUT] = self.build_model(self.spec.model, self.plan.file.place(("model",)))
+        self.data_for(self.spec.data)
+        self.tracker = Tracker(self.uri, self.experiment, self.spec.tracking.log_models)
+        self.ctx.run_id = self.tracker.start_pipeline(self.spec.name, self._tags(), self._params())
+        self._log_pipeline_files()
+        self.plugins.pipeline_start(self.ctx)
+        status = "FAILED"
+        try:
+            self._log_input()
+            for planned in self.plan.stages:
+                self._run_stage(planned)
+            status = "FINISHED"
+        finally:
+            self._log_summary()
+            self.tracker.end_pipeline(status)
+            self.plugins.pipeline_end(self.ctx, status)
+        return self.ctx
+
+    def _tags(self) -> dict[str, str]:
+        import compressflow
+
+        tags = {
+            "compressflow.pipeline_hash": self.plan.file.content_hash(),
+            "compressflow.version": compressflow.__version__,
+            "compressflow.pipeline_file": str(self.plan.file.path),
+        }
+        commit = git_commit(self.plan.file.path.resolve().parent)
+        if commit:
+            tags["mlflow.source.git.commit"] = commit
+        return tags
+
+    def _params(self) -> dict[str, Any]:
+        return {
+            "seed": self.spec.seed,
+            "model.source": self.spec.model.source,
+            "data.dataset": self.spec.data.dataset,
+            "stages": " -> ".join(f"{p.entry.name}:{p.stage.kind}/{p.stage.method}"
+                                  for p in self.plan.stages),
+        }
+
+    def _log_pipeline_files(self) -> None:
+        resolved = dict(self.plan.file.raw)
+        resolved["stages"] = [
+            {"name": p.entry.name, p.stage.kind: {"method": p.stage.method,
+                                                 **p.stage.params.model_dump(mode="json")},
+             **({"data": p.entry.data} if p.entry.data else {})}
+            for p in self.plan.stages
+        ]
+        self.tracker.log_text(self.plan.file.text, "pipeline.yaml")
+        self.tracker.log_text(yaml.safe_dump(resolved, sort_keys=False), "pipeline.resolved.yaml")
+
+    def _log_input(self) -> None:
+        self.tracker.start_stage(INPUT, flatten("model", self.spec.model.model_dump(mode="json")),
+                                 {"compressflow.kind": "input"})
+        try:
+            result = StageResult(model=self.models[INPUT])
+            self._measure_and_log(INPUT, "input", result)
+        except BaseException:
+            self.tracker.log_text(traceback.format_exc(), "error.txt")
+            self.tracker.end_stage("FAILED")
+            raise
+        self.tracker.end_stage()
+
+    def _stage_context(self, planned: PlannedStage) -> StageContext:
+        name = planned.entry.name
+        stage = planned.stage
+        return StageContext(
+            name=name,
+            seed=self.spec.seed + planned.entry.index + 1,
+            workdir=Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self.workdir)),
+            metric=self.spec.evaluation.metric,
+            data=lambda: self.data_for(planned.data),
+            evaluate=self.evaluate,
+            model_at=lambda ref: self.model_at(ref, name),
+            build_model=lambda spec: self.build_model(spec, f"stage '{name}'"),
+            log_metric=self.tracker.log_metric,
+            progress=lambda step, total, figures: self.plugins.stage_progress(
+                stage, step, total, figures),
+        )
+
+    def _run_stage(self, planned: PlannedStage) -> None:
+        import torch
+
+        stage, entry = planned.stage, planned.entry
+        params = flatten("", stage.params.model_dump(mode="json"))
+        params.update(flatten("data", entry.data or {}))
+        tags = {"compressflow.kind": stage.kind, "compressflow.method": stage.method,
+                "compressflow.plugin": str(planned.provider)}
+        self.tracker.start_stage(entry.name, params, tags)
+        self.plugins.stage_start(stage, self.ctx)
+        previous = list(self.models)[-1]
+        try:
+            stage_ctx = self._stage_context(planned)
+            torch.manual_seed(stage_ctx.seed)
+            result = stage.run(copy.deepcopy(self.models[previous]), stage_ctx)
+            if not isinstance(result, StageResult):
+                raise TypeError(f"run() returned {type(result).__name__}, not a StageResult")
+            self._measure_and_log(entry.name, f"{stage.kind}/{stage.method}", result)
+        except BaseException as error:
+            self.tracker.log_text(traceback.format_exc(), "error.txt")
+            self.tracker.end_stage("FAILED" if isinstance(error, Exception) else "KILLED")
+            self.plugins.stage_error(stage, error, self.ctx)
+            if isinstance(error, CompressflowError) or not isinstance(error, Exception):
+                raise
+            raise StageFailed(
+                f"stage '{entry.name}' ({stage.kind}/{stage.method}, {planned.provider}) "
+                f"failed: {type(error).__name__}: {error}",
+                f"its MLflow run {self.tracker.last_stage_id} is FAILED with error.txt; every "
+                "earlier stage's run and model is kept. COMPRESSFLOW_DEBUG=1 shows the traceback",
+            ) from error
+        self.tracker.end_stage()
+        self.plugins.stage_end(stage, result, self.ctx)
+
+    def _measure_and_log(self, name: str, method: str, result: StageResult) -> None:
+        measure = self.spec.measure
+        bundle = self.data_for(self.spec.data)
+        example = bundle.example_input(1)
+        figures = self.evaluate(result.model)
+        figures.update(measure_model(result.model, example, bundle.example_input(64),
+                                     latency=measure.latency, threads=measure.threads,
+                                     warmup=measure.warmup, repeats=measure.repeats))
+        if name != INPUT:
+            self._compare_to_input(figures, result)
+        figures.update(result.metrics)
+        result.metrics = figures
+        self.tracker.log_metrics(figures)
+        self.tracker.log_model(result.model, example)
+        for artifact in result.artifacts.values():
+            self.tracker.log_file(Path(artifact))
+        if result.notes:
+            self.tracker.log_text("\n".join(result.notes) + "\n", "notes.txt")
+        self.models[name] = result.model
+        self.ctx.results[name] = result
+        self.ctx.summary.append(self._summary_row(name, method, result))
+
+    def _compare_to_input(self, figures: dict[str, float], result: StageResult) -> None:
+        metric = self.spec.evaluation.metric
+        start = self.ctx.results[INPUT].metrics
+        figures.update(ratios_to_input(figures, start))
+        figures[f"{metric}_delta"] = figures[metric] - start[metric]
+        before = list(self.ctx.results.values())[-1].metrics
+        if figures["sparsity"] > before["sparsity"] + 1e-3 and figures["size_bytes"] >= before["size_bytes"]:
+            result.notes.append(
+                f"sparsity rose to {figures['sparsity']:.1%} but the model is not smaller on "
+                "disk: its tensors are stored densely, zeros included")
+
+    def _summary_row(self, name: str, method: str, result: StageResult) -> dict[str, Any]:
+        figures, metric = result.metrics, self.spec.evaluation.metric
+        return {"stage": name, "method": method, metric: figures[metric],
+                "size_bytes": int(figures["size_bytes"]), "sparsity": figures["sparsity"],
+                "macs": int(figures["macs"]), "latency_ms_b1": figures.get("latency_ms_b1"),
+                "size_ratio": figures.get("size_ratio", 1.0),
+                "latency_b1_speedup": figures.get("latency_b1_speedup", 1.0),
+                "notes": " ".join(result.notes)}
+
+    def _log_summary(self) -> None:
+        import json
+
+        if not self.ctx.summary:
+            return
+        self.tracker.log_text(json.dumps(self.ctx.summary, indent=2), "summary.json")
+        self.tracker.log_text(summary_markdown(self.ctx.summary), "summary.md")
+        final = {k: v for k, v in self.ctx.summary[-1].items() if isinstance(v, (int, float))}
+        self.tracker.log_metrics({k: v for k, v in final.items() if v is not None})
+
+
+def summary_markdown(rows: list[dict[str, Any]]) -> str:
+    """The summary as a Markdown table, one row a stage."""
+    columns = list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row[c]) for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def run_pipeline(plan: Plan, tracking_uri: str | None = None,
+                 experiment: str | None = None) -> PipelineContext:
+    """Run a validated plan; returns its context (results and summary)."""
+    return PipelineRunner(plan, tracking_uri, experiment).run()

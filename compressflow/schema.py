@@ -1,0 +1,76 @@
+"""Describing what the loaded plugins accept: the pipeline's JSON Schema and the plugin list."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+from pydantic import ConfigDict, Field, create_model
+
+from compressflow.config import PipelineSpec
+from compressflow.plugins import Plugins
+from compressflow.stage import DataSpec
+
+
+def _stage_entry_model(plugins: Plugins, kind: str):
+    variants = []
+    for method in plugins.stages.methods(kind):
+        params = plugins.stages.stages[(kind, method)].Params
+        default = plugins.stages.default_method(kind) == method
+        method_type = Optional[Literal[method]] if default else Literal[method]
+        variants.append(create_model(
+            f"{kind}_{method}".replace("-", "_"), __base__=params,
+            method=(method_type, None if default else ...)))
+    params_type = variants[0] if len(variants) == 1 else Union[tuple(variants)]
+    return create_model(
+        f"stage_{kind}", __config__=ConfigDict(extra="forbid"),
+        name=(Optional[str], Field(None, description="default: <index>-<kind>")),
+        data=(Optional[dict[str, Any]], Field(None, description="overrides of the pipeline's data")),
+        **{kind: (Optional[params_type], ...)},
+    )
+
+
+def pipeline_schema(plugins: Plugins) -> dict[str, Any]:
+    """The JSON Schema of a pipeline file, with every loaded stage's params."""
+    entries = [_stage_entry_model(plugins, kind) for kind in plugins.stages.kinds()]
+    stage_type = Union[tuple(entries)] if len(entries) > 1 else entries[0]
+    model = create_model("Pipeline", __base__=PipelineSpec,
+                         stages=(list[stage_type], Field(min_length=1)))
+    schema = model.model_json_schema()
+    schema["$comment"] = "DataSpec fields may be overridden per stage: " + ", ".join(DataSpec.model_fields)
+    return schema
+
+
+def plugin_listing(plugins: Plugins) -> dict[str, Any]:
+    """Every stage (with its params and defaults), source, dataset and metric, by provider."""
+    stages = []
+    for (kind, method), stage_class in sorted(plugins.stages.stages.items()):
+        provider = plugins.stages.providers[(kind, method)]
+        params = {}
+        for name, info in stage_class.Params.model_fields.items():
+            default = None if info.is_required() else info.get_default(call_default_factory=True)
+            params[name] = {"type": _type_name(info.annotation), "required": info.is_required(),
+                            "default": _jsonable(default), "description": info.description or ""}
+        stages.append({"kind": kind, "method": method,
+                       "default": plugins.stages.default_method(kind) == method,
+                       "plugin": provider.plugin, "distribution": provider.distribution,
+                       "version": provider.version, "doc": (stage_class.__doc__ or "").strip(),
+                       "params": params})
+
+    def named(registry) -> list[dict[str, str]]:
+        return [{"name": n, "plugin": registry.providers[n].plugin,
+                 "distribution": registry.providers[n].distribution,
+                 "version": registry.providers[n].version} for n in registry.names()]
+
+    return {"stages": stages, "model_sources": named(plugins.model_sources),
+            "datasets": named(plugins.datasets), "metrics": named(plugins.metrics),
+            "broken": [b.__dict__ for b in plugins.broken]}
+
+
+def _type_name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "model_dump"):
+        return value.model_dump(mode="json")
+    return value if isinstance(value, (str, int, float, bool, list, dict, type(None))) else str(value)

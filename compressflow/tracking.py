@@ -1,0 +1,123 @@
+"""MLflow, as DESIGN §4 lays it out: one parent run a pipeline, one nested run a stage.
+
+Only this module and the mlflow model source talk to MLflow. Models are logged with
+``serialization_format="pickle"`` (the pt2 format fails on torch.ao quantized models) and
+explicit ``pip_requirements`` (inferring them costs seconds a call).
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+MODEL_NAME = "model"
+
+
+def flatten(prefix: str, value: Any) -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``, for MLflow params."""
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(flatten(f"{prefix}.{key}" if prefix else str(key), item))
+        return out
+    return {prefix: value}
+
+
+def git_commit(folder: Path) -> str | None:
+    """The commit of the git checkout holding ``folder``, if there is one."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True,
+                              text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+class Tracker:
+    """Opens and closes the runs of one pipeline and logs into the current one."""
+
+    def __init__(self, uri: str, experiment: str, log_models: bool = True) -> None:
+        import logging
+
+        import mlflow
+
+        # table creation notices, and the pickle warning for a format chosen on purpose
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+        logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
+
+        self.mlflow = mlflow
+        self.uri, self.experiment, self.log_models = uri, experiment, log_models
+        mlflow.set_tracking_uri(uri)
+        self.experiment_id = mlflow.set_experiment(experiment).experiment_id
+        self.parent_id: str | None = None
+        self.stage_id: str | None = None
+        self.last_stage_id: str | None = None
+
+    def start_pipeline(self, run_name: str, tags: dict[str, str], params: dict[str, Any]) -> str:
+        """Open the parent run; returns its id."""
+        run = self.mlflow.start_run(run_name=run_name, tags=tags)
+        self.parent_id = run.info.run_id
+        self.mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
+        return self.parent_id
+
+    def start_stage(self, name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
+        """Open a nested run under the parent; returns its id."""
+        run = self.mlflow.start_run(run_name=name, nested=True, tags=tags)
+        self.stage_id = self.last_stage_id = run.info.run_id
+        if params:
+            self.mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
+        return self.stage_id
+
+    def log_metric(self, name: str, value: float, step: int | None = None) -> None:
+        """One figure into the open stage run (or the parent between stages)."""
+        self.mlflow.log_metric(name, float(value), step=step)
+
+    def log_metrics(self, metrics: dict[str, float]) -> None:
+        """Several figures at once into the open run."""
+        self.mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+
+    def log_text(self, text: str, name: str) -> None:
+        """A text artifact of the open run."""
+        self.mlflow.log_text(text, name)
+
+    def log_file(self, path: Path, folder: str | None = None) -> None:
+        """A file artifact of the open run."""
+        self.mlflow.log_artifact(str(path), folder)
+
+    def log_model(self, model: Any, example: Any) -> str | None:
+        """The model of the open stage run, with a signature; returns its URI."""
+        if not self.log_models:
+            return None
+        import mlflow.pytorch
+        import torch
+        from mlflow.models import infer_signature
+
+        import compressflow
+
+        with torch.inference_mode():
+            output = model(example)
+        signature = infer_signature(example.numpy(), output.numpy())
+        mlflow.pytorch.log_model(
+            model,
+            name=MODEL_NAME,
+            signature=signature,
+            serialization_format="pickle",
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
+                              f"compressflow=={compressflow.__version__}"],
+        )
+        uri = f"runs:/{self.stage_id}/{MODEL_NAME}"
+        self.mlflow.set_tag("compressflow.model_uri", uri)
+        return uri
+
+    def end_stage(self, status: str = "FINISHED") -> None:
+        """Close the open stage run with ``status``."""
+        self.mlflow.end_run(status=status)
+        self.stage_id = None
+
+    def end_pipeline(self, status: str) -> None:
+        """Close every run still open (a stage run first), the parent last."""
+        while self.mlflow.active_run() is not None:
+            self.mlflow.end_run(status=status)
+        self.parent_id = None

@@ -1,0 +1,116 @@
+"""The one training loop: train, finetune, distill (and later gradual pruning, QAT) use it.
+
+A stage passes its model, the data, a :class:`TrainParams` and, where it needs one, its own
+loss (distillation) or a hook after every optimizer step. Zeros can be frozen: a pruned
+weight stays exactly zero through any optimizer.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Callable, Literal
+
+from pydantic import Field
+
+from compressflow.stage import StageParams
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from compressflow.stage import DataBundle, StageContext
+
+LossFn = Callable[["torch.Tensor", "torch.Tensor", "torch.Tensor"], "torch.Tensor"]
+"""``loss_fn(outputs, targets, inputs) -> scalar loss``."""
+
+
+class TrainParams(StageParams):
+    """Settings of the training loop; a stage that trains subclasses these."""
+
+    epochs: int = Field(10, ge=0, description="passes over the training split")
+    lr: float = Field(1e-3, gt=0, description="learning rate")
+    optimizer: Literal["adam", "sgd"] = "adam"
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")
+    weight_decay: float = Field(0.0, ge=0)
+    schedule: Literal["constant", "cosine"] = Field("constant", description="lr over epochs")
+
+
+def _optimizer(model: nn.Module, params: TrainParams) -> torch.optim.Optimizer:
+    import torch
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if params.optimizer == "sgd":
+        return torch.optim.SGD(trainable, lr=params.lr, momentum=params.momentum,
+                               weight_decay=params.weight_decay)
+    return torch.optim.Adam(trainable, lr=params.lr, weight_decay=params.weight_decay)
+
+
+def zero_masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Where each weight matrix/kernel is nonzero now (what freezing zeros preserves)."""
+    return {n: p.detach() != 0 for n, p in model.named_parameters() if p.dim() > 1}
+
+
+def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    """Set every masked-out weight back to exactly zero."""
+    import torch
+
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name in masks:
+                param.mul_(masks[name])
+
+
+def fit(
+    model: nn.Module,
+    data: DataBundle,
+    params: TrainParams,
+    ctx: StageContext,
+    *,
+    loss_fn: LossFn | None = None,
+    freeze_zeros: bool = False,
+    extra_modules: list[nn.Module] = (),
+) -> list[dict[str, float]]:
+    """Train ``model`` in place for ``params.epochs``; returns each epoch's figures.
+
+    Every epoch logs ``train_loss`` and the validation task metric (``val_<metric>``) with
+    the epoch as step, and reports progress. ``extra_modules`` are trained alongside (a
+    distillation projection, say). ``freeze_zeros`` keeps every zero weight at zero.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(ctx.seed)
+    loss_fn = loss_fn or (lambda outputs, targets, _inputs: F.cross_entropy(outputs, targets))
+    trained = torch.nn.ModuleList([model, *extra_modules])
+    optimizer = _optimizer(trained, params)
+    steps_per_epoch = max(1, len(data.train))
+    total_steps = params.epochs * steps_per_epoch
+    scheduler = None
+    if params.schedule == "cosine" and total_steps:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps))
+        )
+    masks = zero_masks(model) if freeze_zeros else {}
+    history = []
+    for epoch in range(1, params.epochs + 1):
+        trained.train()
+        running, seen = 0.0, 0
+        for inputs, targets in data.train:
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(inputs), targets, inputs)
+            loss.backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            if masks:
+                apply_masks(model, masks)
+            running += float(loss.detach()) * len(targets)
+            seen += len(targets)
+        figures = {"train_loss": running / max(seen, 1)}
+        figures.update({f"val_{k}": v for k, v in ctx.evaluate(model).items()})
+        for name, value in figures.items():
+            ctx.log_metric(name, value, epoch)
+        ctx.progress(epoch, params.epochs, figures)
+        history.append(figures)
+    model.eval()
+    return history
