@@ -1,0 +1,5 @@
+"""``python -m compressflow``: the same as the ``compressflow`` command."""
+
+from compressflow.cli import main
+
+main()

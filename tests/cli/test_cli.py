@@ -1,0 +1,77 @@
+"""Thin commands: help without torch, validate without mlflow, plugins, schema, dry run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import REPO, write_pipeline
+
+PROBE = """
+import sys
+from typer.testing import CliRunner
+from compressflow.cli import app
+result = CliRunner().invoke(app, sys.argv[1:])
+print(result.exit_code, 'torch' in sys.modules, 'mlflow' in sys.modules)
+"""
+
+
+def _imports(*args):
+    done = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, cwd=REPO)
+    return done.stdout.split()
+
+
+def test_help_imports_neither_torch_nor_mlflow():
+    assert _imports("--help") == ["0", "False", "False"]
+    assert _imports("run", "--help") == ["0", "False", "False"]
+
+
+def test_validate_does_not_import_mlflow(tmp_path):
+    path = write_pipeline(tmp_path, [{"train": {"epochs": 1}}, {"prune": {"sparsity": 0.5}}])
+    code, _torch, mlflow = _imports("validate", str(path))
+    assert code == "0" and mlflow == "False"
+
+
+def test_plugins_json_lists_methods_with_params(cli):
+    result = cli("plugins", "--json")
+    assert result.exit_code == 0
+    listing = json.loads(result.stdout)
+    prune = next(s for s in listing["stages"] if (s["kind"], s["method"]) == ("prune", "magnitude"))
+    assert prune["distribution"] == "compressflow" and prune["default"] is True
+    assert prune["params"]["scope"]["default"] == "global" and prune["params"]["sparsity"]["required"]
+    table = cli("plugins")
+    assert "prune/magnitude" in table.stdout and "distill/logits" in table.stdout
+
+
+def test_schema_has_every_stage_params(cli):
+    result = cli("schema")
+    assert result.exit_code == 0
+    text = result.stdout
+    schema = json.loads(text)
+    assert "stages" in schema["properties"]
+    for word in ("sparsity", "temperature", "dynamic-int8", "train_fraction"):
+        assert word in text
+
+
+def test_validate_and_dry_run_print_the_plan(tmp_path, cli, store):
+    path = write_pipeline(tmp_path, [{"name": "base", "train": {"epochs": 1}}, {"prune": {"sparsity": 0.5}}])
+    result = cli("validate", path)
+    assert result.exit_code == 0 and "base (train/supervised) -> 1-prune (prune/magnitude)" in result.stdout
+    dry = cli("run", path, "--dry-run", "--tracking-uri", store, "--set", "stages.1.prune.sparsity=0.7")
+    assert dry.exit_code == 0 and "sparsity=0.7" in dry.stdout
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_run_with_set_and_experiment(tmp_path, cli, store):
+    from mlflow.tracking import MlflowClient
+
+    path = write_pipeline(tmp_path, [{"train": {"epochs": 1}}, {"prune": {"sparsity": 0.5}}])
+    result = cli("run", path, "--tracking-uri", store, "--experiment", "other", "--quiet",
+                 "--set", "stages.1.prune.sparsity=0.25")
+    assert result.exit_code == 0, result.output
+    client = MlflowClient(store)
+    runs = client.search_runs([client.get_experiment_by_name("other").experiment_id],
+                              filter_string="attributes.run_name = '1-prune'")
+    assert runs[0].data.params["sparsity"] == "0.25"
+    assert 0.2 < runs[0].data.metrics["sparsity"] < 0.25

@@ -1,0 +1,140 @@
+"""Validation before anything runs, every bad input named; a failing stage leaves the rest."""
+
+from __future__ import annotations
+
+import pytest
+
+from compressflow.engine import validate
+from compressflow.errors import ConfigError
+from compressflow.hookspecs import hookimpl
+from compressflow.plugins import load_plugins
+from compressflow.runner import PipelineRunner
+from tests.conftest import write_pipeline
+
+
+@pytest.mark.parametrize("stages, extra, words", [
+    ([{"prun": {"sparsity": 0.5}}], {}, ["unknown stage kind 'prun'", "did you mean 'prune'", "known kinds"]),
+    ([{"prune": {"method": "magnitud", "sparsity": 0.5}}], {}, ["unknown prune method 'magnitud'", "did you mean 'magnitude'"]),
+    ([{"prune": {"sparsity": "lots"}}], {}, ["stage '0-prune'", "sparsity", "valid number"]),
+    ([{"prune": {"sparsity": 1.5}}], {}, ["stage '0-prune'", "sparsity", "less than 1"]),
+    ([{"prune": {"sparsity": 0.5, "bogus": 1}}], {}, ["stage '0-prune'", "unknown key 'bogus'"]),
+    ([{"train": {"epochs": 1}}], {"model": {"source": "hub:bert"}}, ["unknown model source scheme 'hub'"]),
+    ([{"train": {"epochs": 1}}], {"model": {"source": "file:nowhere.pt"}}, ["does not exist"]),
+    ([{"train": {"epochs": 1}}], {"data": {"dataset": "mnist"}}, ["unknown dataset 'mnist'", "digits"]),
+    ([{"name": "base", "train": {"epochs": 1}}, {"distill": {"teacher": "bse"}}], {},
+     ["teacher 'bse' names no earlier stage", "did you mean 'base'"]),
+    ([{"distill": {"teacher": "later"}}, {"name": "later", "train": {}}], {}, ["names no earlier stage"]),
+    ([{"train": {"epochs": 1}, "data": {"batch_size": 0}}], {}, ["stage '0-train'", "batch_size"]),
+    ([{"distill": {"student": {"source": "zoo:transformer"}}}], {}, ["unknown zoo model 'transformer'"]),
+])
+def test_bad_input_named_before_anything_runs(tmp_path, stages, extra, words):
+    path = write_pipeline(tmp_path, stages, **extra)
+    with pytest.raises(ConfigError) as error:
+        validate(path)
+    text = str(error.value)
+    assert str(path) in text, text
+    for word in words:
+        assert word in text, text
+
+
+def test_cli_bad_input_exit_2_without_traceback(tmp_path, cli, store):
+    path = write_pipeline(tmp_path, [{"prune": {"sparsity": 2}}])
+    result = cli("run", path, "--tracking-uri", store)
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"error: {path}:")
+    assert "hint:" in result.stderr and "Traceback" not in result.output + result.stderr
+    assert not (tmp_path / "mlflow.db").exists()  # nothing ran, nothing was logged
+
+
+def test_set_path_that_does_not_exist(tmp_path, cli):
+    path = write_pipeline(tmp_path, [{"train": {"epochs": 1}}])
+    result = cli("validate", path, "--set", "stages.3.train.epochs=2")
+    assert result.exit_code == 2 and "--set stages.3.train.epochs" in result.stderr
+
+
+class Recorder:
+    """An observer plugin, registered in-process, recording the lifecycle hooks it sees."""
+
+    def __init__(self):
+        self.calls = []
+
+    @hookimpl
+    def pipeline_start(self, ctx):
+        self.calls.append(("pipeline_start", ctx.run_id))
+
+    @hookimpl
+    def stage_start(self, stage):
+        self.calls.append(("stage_start", stage.name))
+
+    @hookimpl
+    def stage_progress(self, stage, step, total, metrics):
+        self.calls.append(("stage_progress", stage.name, step, total, sorted(metrics)))
+
+    @hookimpl
+    def stage_end(self, stage, result):
+        self.calls.append(("stage_end", stage.name, "accuracy" in result.metrics))
+
+    @hookimpl
+    def stage_error(self, stage, error):
+        self.calls.append(("stage_error", stage.name, type(error).__name__))
+
+    @hookimpl
+    def pipeline_end(self, ctx, status):
+        self.calls.append(("pipeline_end", status, sorted(ctx.results)))
+
+
+def _run(path, store, recorder):
+    plan = validate(path, plugins=load_plugins(extra=[("recorder", recorder)]))
+    return PipelineRunner(plan, tracking_uri=store).run()
+
+
+def test_lifecycle_hooks_in_order(tmp_path, store):
+    recorder = Recorder()
+    path = write_pipeline(tmp_path, [{"name": "base", "train": {"epochs": 2}},
+                                     {"name": "cut", "prune": {"sparsity": 0.5}}])
+    ctx = _run(path, store, recorder)
+    assert recorder.calls == [
+        ("pipeline_start", ctx.run_id),
+        ("stage_start", "base"),
+        ("stage_progress", "base", 1, 2, ["train_loss", "val_accuracy", "val_loss"]),
+        ("stage_progress", "base", 2, 2, ["train_loss", "val_accuracy", "val_loss"]),
+        ("stage_end", "base", True),
+        ("stage_start", "cut"),
+        ("stage_end", "cut", True),
+        ("pipeline_end", "FINISHED", ["base", "cut", "input"]),
+    ]
+
+
+def test_failing_stage_keeps_what_was_logged(tmp_path, store, cli):
+    from mlflow.tracking import MlflowClient
+
+    # a quantized model has no trainable parameters: finetuning it fails at run time
+    path = write_pipeline(tmp_path, [{"name": "base", "train": {"epochs": 2}},
+                                     {"name": "q", "quantize": {}},
+                                     {"name": "broken", "finetune": {"epochs": 1}},
+                                     {"name": "never", "prune": {"sparsity": 0.5}}])
+    result = cli("run", path, "--tracking-uri", store, "--quiet")
+    assert result.exit_code == 1
+    assert "stage 'broken' (finetune/supervised" in result.stderr
+    assert "Traceback" not in result.stderr
+    client = MlflowClient(store)
+    runs = client.search_runs([client.get_experiment_by_name("test").experiment_id])
+    status = {r.info.run_name: r.info.status for r in runs}
+    assert status == {"test": "FAILED", "input": "FINISHED", "base": "FINISHED", "q": "FINISHED",
+                      "broken": "FAILED"}
+    by_name = {r.info.run_name: r for r in runs}
+    error_text = client.download_artifacts(by_name["broken"].info.run_id, "error.txt", str(tmp_path))
+    assert "Traceback" in open(error_text).read()
+    import mlflow.pytorch
+
+    mlflow.set_tracking_uri(store)
+    assert mlflow.pytorch.load_model(by_name["q"].data.tags["compressflow.model_uri"]) is not None
+
+
+def test_stage_error_hook(tmp_path, store):
+    recorder = Recorder()
+    path = write_pipeline(tmp_path, [{"quantize": {}}, {"name": "broken", "finetune": {"epochs": 1}}])
+    with pytest.raises(Exception):
+        _run(path, store, recorder)
+    assert ("stage_error", "broken", "ValueError") in recorder.calls
+    assert recorder.calls[-1][:2] == ("pipeline_end", "FAILED")
