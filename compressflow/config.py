@@ -256,6 +256,8 @@ def config_error(error: ValidationError, loaded: PipelineFile, root: Path_, what
         problem = f"unknown key '{first['loc'][-1]}'"
     elif kind == "missing":
         problem = f"missing required key '{first['loc'][-1]}'"
+    elif not first["loc"]:  # a rule across several fields: the message says it all
+        problem = first["msg"].removeprefix("Value error, ")
     else:
         problem = f"{field_name}: {first['msg']} (got {first.get('input')!r})"
     more = len(error.errors()) - 1

@@ -137,12 +137,13 @@ def load_plugins(extra: Iterable[tuple[str, Any]] = ()) -> Plugins:
     pm.add_hookspecs(hookspecs)
     providers: dict[str, Provider] = {}
     broken: list[BrokenPlugin] = []
-    seen: set[str] = set()
-    for ep in _entry_points():
+    for ep in _entry_points():  # one entry per distribution, even if on sys.path twice
         provider = _provider(ep)
-        if ep.name in seen:  # the same distribution visible twice on sys.path
-            continue
-        seen.add(ep.name)
+        if ep.name in providers:
+            raise PluginError(
+                f"entry point name '{ep.name}' is used by {providers[ep.name]} and by {provider}",
+                "plugin names share one namespace: rename the entry point in one distribution",
+            )
         try:
             plugin = ep.load()
             pm.register(plugin, name=ep.name)

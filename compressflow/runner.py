@@ -193,13 +193,16 @@ class PipelineRunner:
             self.tracker.log_text(traceback.format_exc(), "error.txt")
             self.tracker.end_stage("FAILED" if isinstance(error, Exception) else "KILLED")
             self.plugins.stage_error(stage, error, self.ctx)
-            if isinstance(error, CompressflowError) or not isinstance(error, Exception):
+            if not isinstance(error, Exception):
                 raise
+            # a stage failing at run time exits 1, even when it blames its input
+            cause = error.message if isinstance(error, CompressflowError) else f"{type(error).__name__}: {error}"
+            hint = f"{error.hint}; " if isinstance(error, CompressflowError) and error.hint else ""
             raise StageFailed(
                 f"stage '{entry.name}' ({stage.kind}/{stage.method}, {planned.provider}) "
-                f"failed: {type(error).__name__}: {error}",
-                f"its MLflow run {self.tracker.last_stage_id} is FAILED with error.txt; every "
-                "earlier stage's run and model is kept. COMPRESSFLOW_DEBUG=1 shows the traceback",
+                f"failed: {cause}",
+                f"{hint}its MLflow run {self.tracker.last_stage_id} is FAILED with error.txt; "
+                "every earlier stage's run and model is kept. COMPRESSFLOW_DEBUG=1 shows the traceback",
             ) from error
         self.tracker.end_stage()
         self.plugins.stage_end(stage, result, self.ctx)
@@ -231,6 +234,9 @@ class PipelineRunner:
         start = self.ctx.results[INPUT].metrics
         figures.update(ratios_to_input(figures, start))
         figures[f"{metric}_delta"] = figures[metric] - start[metric]
+        if result.metrics.get("compressed_bytes"):
+            # a packed file stands against the input's serialized state dict
+            figures["compressed_ratio"] = start["size_bytes"] / result.metrics["compressed_bytes"]
         before = list(self.ctx.results.values())[-1].metrics
         if figures["sparsity"] > before["sparsity"] + 1e-3 and figures["size_bytes"] >= before["size_bytes"]:
             result.notes.append(
@@ -243,6 +249,8 @@ class PipelineRunner:
                 "size_bytes": int(figures["size_bytes"]), "sparsity": figures["sparsity"],
                 "macs": int(figures["macs"]), "latency_ms_b1": figures.get("latency_ms_b1"),
                 "size_ratio": figures.get("size_ratio", 1.0),
+                "compressed_bytes": figures.get("compressed_bytes"),
+                "compressed_ratio": figures.get("compressed_ratio"),
                 "latency_b1_speedup": figures.get("latency_b1_speedup", 1.0),
                 "notes": " ".join(result.notes)}
 

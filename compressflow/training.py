@@ -69,12 +69,16 @@ def fit(
     loss_fn: LossFn | None = None,
     freeze_zeros: bool = False,
     extra_modules: list[nn.Module] = (),
+    after_step: Callable[[nn.Module], None] | None = None,
+    step_offset: int = 0,
 ) -> list[dict[str, float]]:
     """Train ``model`` in place for ``params.epochs``; returns each epoch's figures.
 
-    Every epoch logs ``train_loss`` and the validation task metric (``val_<metric>``) with
-    the epoch as step, and reports progress. ``extra_modules`` are trained alongside (a
-    distillation projection, say). ``freeze_zeros`` keeps every zero weight at zero.
+    Every epoch logs ``train_loss`` and the validation figures (``val_<metric>``) with
+    ``step_offset`` + the epoch as step, and reports progress. ``extra_modules`` are trained
+    alongside (a distillation projection, say). ``freeze_zeros`` keeps every zero weight at
+    zero. ``after_step(model)`` runs after every optimizer step (re-tying shared weights,
+    say); a stage that trains several times passes ``step_offset`` so its curves continue.
     """
     import torch
     import torch.nn.functional as F
@@ -104,12 +108,14 @@ def fit(
                 scheduler.step()
             if masks:
                 apply_masks(model, masks)
+            if after_step is not None:
+                after_step(model)
             running += float(loss.detach()) * len(targets)
             seen += len(targets)
         figures = {"train_loss": running / max(seen, 1)}
         figures.update({f"val_{k}": v for k, v in ctx.evaluate(model).items()})
         for name, value in figures.items():
-            ctx.log_metric(name, value, epoch)
+            ctx.log_metric(name, value, step_offset + epoch)
         ctx.progress(epoch, params.epochs, figures)
         history.append(figures)
     model.eval()

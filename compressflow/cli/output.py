@@ -81,9 +81,13 @@ def print_summary(ctx) -> None:
         table.add_column(column, overflow="fold")
     for row in ctx.summary:
         latency = row["latency_ms_b1"]
-        table.add_row(row["stage"], row["method"], f"{row[metric]:.4f}", f"{row['size_bytes']:,}",
+        size, smaller = f"{row['size_bytes']:,}", f"{row['size_ratio']:.2f}"
+        if row.get("compressed_bytes"):
+            size += f" (packed {int(row['compressed_bytes']):,})"
+            smaller += f" (packed {row['compressed_ratio']:.1f})"
+        table.add_row(row["stage"], row["method"], f"{row[metric]:.4f}", size,
                       f"{row['sparsity']:.1%}", "-" if latency is None else f"{latency:.3f}",
-                      f"{row['size_ratio']:.2f}", f"{row['latency_b1_speedup']:.2f}")
+                      smaller, f"{row['latency_b1_speedup']:.2f}")
     console.print(table)
     for row in ctx.summary:
         if row["notes"]:

@@ -1,0 +1,1 @@
+"""Built-in export plugin (work in progress: registers nothing yet)."""

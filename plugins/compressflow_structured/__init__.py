@@ -1,0 +1,1 @@
+"""Built-in structured plugin (work in progress: registers nothing yet)."""
