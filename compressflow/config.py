@@ -10,7 +10,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from compressflow.errors import ConfigError
 from compressflow.stage import MODEL_REFS, DataSpec, ModelSpec
 
-STAGE_KEYS = ("name", "data")
+STAGE_KEYS = ("name", "data", "gate")
 Path_ = tuple[Any, ...]
 
 
@@ -49,10 +49,39 @@ class TrackingSpec(BaseModel):
     log_models: bool = Field(True, description="log every stage's model")
 
 
+class GateSpec(BaseModel):
+    """A quality gate on a stage's result, against ``input``, ``previous`` or a stage."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_metric_drop: float | None = Field(None, ge=0, description="task metric may fall by this much")
+    min_size_ratio: float | None = Field(None, gt=0, description="at least this many times smaller")
+    max_latency_ms_b1: float | None = Field(None, gt=0, description="batch-1 latency ceiling (ms)")
+    against: str = Field("input", description="input, previous, or an earlier stage's name")
+    on_fail: Literal["stop", "continue"] = Field("stop", description="stop: exit 3")
+
+
+class RegisterSpec(BaseModel):
+    """Register the final model (a sweep: the selected variant's) in the model registry."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[\w.-]+$")
+    alias: str | None = Field(None, pattern=r"^[A-Za-z][\w-]*$")
+
+
+class SelectSpec(BaseModel):
+    """How a sweep picks its model: among the Pareto front, within a drop, then the cheapest."""
+
+    model_config = ConfigDict(extra="forbid")
+    rule: Literal["pareto-best"] = "pareto-best"
+    max_metric_drop: float = Field(0.0, ge=0, description="below the best variant's metric")
+    then: Literal["smallest", "fastest", "fewest-macs"] = "smallest"
+
+
 class PipelineSpec(BaseModel):
     """A whole pipeline file; ``stages`` stay raw here and become StageEntry objects."""
 
-    model_config = ConfigDict(extra="forbid")
+    # `register` would shadow a BaseModel attribute, so the field has another name
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
     name: str = Field(pattern=r"^[\w.-]+$")
     description: str = ""
     seed: int = 0
@@ -62,6 +91,10 @@ class PipelineSpec(BaseModel):
     measure: MeasureSpec = Field(default_factory=MeasureSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     stages: list[Any] = Field(min_length=1)
+    sweep: dict[str, Any] | None = Field(
+        None, description="--set paths to lists of values; mode: product (default) or zip")
+    registration: RegisterSpec | None = Field(None, alias="register")
+    select: SelectSpec | None = None
 
 
 @dataclass
@@ -74,6 +107,7 @@ class StageEntry:
     method: str | None
     params: dict[str, Any]
     data: dict[str, Any] | None = None
+    gate: GateSpec | None = None
 
 
 @dataclass
@@ -104,16 +138,17 @@ class PipelineFile:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def load_pipeline(path: str | Path, overrides: list[str] = ()) -> PipelineFile:
+def load_pipeline(path: str | Path, overrides: list[Override] = ()) -> PipelineFile:
     """Read, override and validate a pipeline file (stage params excepted)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such file", "check the path of the pipeline file")
     text = path.read_text()
     raw, lines = _parse_yaml(text, path)
-    applied = {tuple(_split(o.partition("=")[0])): o.partition("=")[0] for o in overrides}
+    applied = {}
     for override in overrides:
-        _apply_override(raw, override)
+        dotted = _apply_override(raw, override)
+        applied[tuple(_split(dotted))] = dotted
     loaded = PipelineFile(path, text, raw, None, [], lines, applied)  # type: ignore[arg-type]
     try:
         loaded.spec = PipelineSpec.model_validate(raw)
@@ -174,8 +209,15 @@ def _split(dotted: str) -> list[Any]:
     return [int(part) if part.isdigit() else part for part in dotted.split(".")]
 
 
-def _apply_override(raw: dict[str, Any], override: str) -> None:
-    dotted, sep, text = override.partition("=")
+Override = str | tuple[str, Any]
+"""``"path=yaml-text"`` from the command line, or ``(path, value)`` from a sweep."""
+
+
+def _apply_override(raw: dict[str, Any], override: Override) -> str:
+    if isinstance(override, tuple):
+        dotted, sep, text = override[0], "=", None
+    else:
+        dotted, sep, text = override.partition("=")
     if not sep or not dotted:
         raise ConfigError(f"--set {override}: expected PATH=VALUE", "e.g. --set stages.2.prune.sparsity=0.9")
     parts = _split(dotted)
@@ -189,9 +231,13 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
         raise ConfigError(f"--set {dotted}: '{'.'.join(map(str, parts[:-1]))}' holds a value, not a mapping")
     current = node[last] if isinstance(node, dict) and last in node else (
         node[last] if isinstance(node, list) else None)
-    # a string stays a string ("001" is a name, not a number); anything else is read as YAML
-    value = text if isinstance(current, str) else yaml.safe_load(text)
+    if isinstance(override, tuple):
+        value = override[1]
+    else:
+        # a string stays a string ("001" is a name, not a number); anything else is read as YAML
+        value = text if isinstance(current, str) else yaml.safe_load(text)
     node[last] = value
+    return dotted
 
 
 def _child(node: Any, part: Any, walked: list[Any], dotted: str) -> Any:
@@ -242,7 +288,13 @@ def _stage_entries(loaded: PipelineFile) -> list[StageEntry]:
         data = item.get("data")
         if data is not None and not isinstance(data, dict):
             raise ConfigError(f"{loaded.place(loc + ('data',))}: a stage's data must be a mapping")
-        entries.append(StageEntry(index, name, kind, method, params, data))
+        gate = None
+        if item.get("gate") is not None:
+            try:
+                gate = GateSpec.model_validate(item["gate"])
+            except ValidationError as error:
+                raise config_error(error, loaded, loc + ("gate",), f"stage '{name}' gate") from None
+        entries.append(StageEntry(index, name, kind, method, params, data, gate))
     return entries
 
 

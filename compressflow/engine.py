@@ -7,6 +7,8 @@ fires the lifecycle hooks.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +29,8 @@ class PlannedStage:
     stage: Stage
     provider: Provider
     data: DataSpec
+    key: str = ""
+    """Identifies the stage's result: equal keys, equal work (see :func:`stage_key`)."""
 
 
 @dataclass
@@ -36,6 +40,7 @@ class Plan:
     file: PipelineFile
     plugins: Plugins
     stages: list[PlannedStage]
+    input_key: str = ""
 
     @property
     def spec(self):
@@ -55,7 +60,33 @@ def validate(path: str | Path, overrides: list[str] = (), plugins: Plugins | Non
     planned: list[PlannedStage] = []
     for entry in loaded.stages:
         planned.append(_plan_stage(entry, loaded, plugins, [p.entry.name for p in planned]))
-    return Plan(loaded, plugins, planned)
+    input_key = _digest({"model": spec.model.model_dump(mode="json"), "seed": spec.seed,
+                         "data": spec.data.model_dump(mode="json"),
+                         "evaluation": spec.evaluation.model_dump(mode="json"),
+                         "measure": spec.measure.model_dump(mode="json"),
+                         "source": str(plugins.model_sources.providers[spec.model.scheme])})
+    previous = input_key
+    for stage in planned:
+        stage.key = previous = stage_key(previous, stage)
+    return Plan(loaded, plugins, planned, input_key)
+
+
+def _digest(document: dict) -> str:
+    blob = json.dumps(document, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:24]
+
+
+def stage_key(input_key: str, planned: PlannedStage) -> str:
+    """The stage's identity: its input's key, kind/method, plugin and version, params, data.
+
+    Two stages with equal keys do the same work on the same model, so a sweep may reuse one
+    for the other. The seed and evaluation settings enter through the input's key.
+    """
+    stage = planned.stage
+    return _digest({"input": input_key, "kind": stage.kind, "method": stage.method,
+                    "plugin": f"{planned.provider.distribution} {planned.provider.version}",
+                    "params": stage.params.model_dump(mode="json"),
+                    "data": planned.data.model_dump(mode="json"), "index": planned.entry.index})
 
 
 def _plan_stage(entry: StageEntry, loaded: PipelineFile, plugins: Plugins,
@@ -90,6 +121,14 @@ def _plan_stage(entry: StageEntry, loaded: PipelineFile, plugins: Plugins,
                 f"'{ref}' names no earlier stage{nearest(ref, choices)}",
                 f"name 'input', 'previous' or a stage that runs before it: {', '.join(choices)}",
             )
+    gate = entry.gate
+    if gate is not None and gate.against not in MODEL_REFS and gate.against not in earlier:
+        choices = [*MODEL_REFS, *earlier]
+        raise ConfigError(
+            f"{loaded.place(loc + ('gate', 'against'))}: {what}: gate against '{gate.against}' "
+            f"names no earlier stage{nearest(gate.against, choices)}",
+            f"compare with 'input', 'previous' or an earlier stage: {', '.join(choices)}",
+        )
     for field_name, model_spec in params.model_specs().items():
         check_model_spec(model_spec, loaded, loc + (entry.kind, field_name), plugins)
     stage = stage_class(entry.name, params, entry.data)

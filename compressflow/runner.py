@@ -2,24 +2,29 @@
 
 A stage gets a copy of the previous model, so every earlier model stays as it was (for
 ``ctx.model_at`` and for MLflow). A stage that raises leaves its run FAILED with the
-traceback as ``error.txt``; everything logged before it stays.
+traceback as ``error.txt``; everything logged before it stays. With ``reuse``, a stage whose
+key (see :func:`compressflow.engine.stage_key`) was already logged in the experiment is not
+run again: its model and figures are taken from that run, which a tag names.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import tempfile
 import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, ContextManager
 
 import yaml
 
 from compressflow.engine import Plan, PlannedStage, source_context
 from compressflow.errors import CompressflowError, ConfigError, StageFailed
+from compressflow.gates import GateFailed, gate_failures
 from compressflow.measure import measure_model, ratios_to_input
+from compressflow.report import stage_chart, summary_markdown
 from compressflow.stage import DataBundle, DataSpec, ModelSpec, PipelineContext, StageContext, StageResult
-from compressflow.tracking import DEFAULT_URI, Tracker, flatten, git_commit
+from compressflow.tracking import DEFAULT_URI, LoggedStage, Tracker, flatten, git_commit
 
 if TYPE_CHECKING:
     from torch import nn
@@ -28,18 +33,32 @@ INPUT = "input"
 
 
 class PipelineRunner:
-    """Runs one Plan into one MLflow parent run."""
+    """Runs one Plan into one MLflow parent run.
 
-    def __init__(self, plan: Plan, tracking_uri: str | None = None, experiment: str | None = None):
+    ``reuse``: take a stage's result from an earlier run with the same key. ``lock(key)``:
+    held while a stage is looked up, computed and logged, so that parallel runs of a sweep
+    compute each shared stage once. ``tags``/``params``: added to the parent run.
+    """
+
+    def __init__(self, plan: Plan, tracking_uri: str | None = None, experiment: str | None = None,
+                 *, reuse: bool = False, lock: Callable[[str], ContextManager] | None = None,
+                 tags: dict[str, str] | None = None, params: dict[str, Any] | None = None,
+                 register: bool = True, run_name: str | None = None):
         spec = plan.spec
         self.plan, self.spec, self.plugins = plan, spec, plan.plugins
         self.uri = tracking_uri or spec.tracking.uri or DEFAULT_URI
         self.experiment = experiment or spec.tracking.experiment or spec.name
         self.ctx = PipelineContext(spec, plan.file.path, self.uri, self.experiment)
+        self.reuse, self.lock = reuse, lock or (lambda key: contextlib.nullcontext())
+        self.extra_tags, self.extra_params = tags or {}, params or {}
+        self.register_model = register and spec.registration is not None
+        self.run_name = run_name or spec.name
         self.models: dict[str, nn.Module] = {}
         self.data_cache: dict[str, DataBundle] = {}
         self.workdir = Path(tempfile.mkdtemp(prefix="compressflow-"))
         self.tracker: Tracker | None = None
+        self.reused: list[str] = []
+        self.model_uris: dict[str, str | None] = {}
 
     # --- what stages may ask for ----------------------------------------------------------
 
@@ -65,7 +84,15 @@ class PipelineRunner:
         if key not in self.data_cache:
             factory = self.plugins.datasets.get(data_spec.dataset)
             input_shape = getattr(self.models.get(INPUT), "input_shape", None)
-            self.data_cache[key] = factory(data_spec, self.spec.seed, input_shape)
+            try:
+                self.data_cache[key] = factory(data_spec, self.spec.seed, input_shape)
+            except CompressflowError:
+                raise
+            except Exception as error:
+                raise ConfigError(
+                    f"dataset '{data_spec.dataset}' failed: {type(error).__name__}: {error}",
+                    "check the data settings; COMPRESSFLOW_DEBUG=1 shows the traceback",
+                ) from error
         return self.data_cache[key]
 
     def evaluate(self, model: nn.Module, loader: Any = None) -> dict[str, float]:
@@ -92,17 +119,21 @@ class PipelineRunner:
 
         torch.manual_seed(self.spec.seed)
         self.models[INPUT] = self.build_model(self.spec.model, self.plan.file.place(("model",)))
-        self.data_for(self.spec.data)
+        for data_spec in [self.spec.data, *(p.data for p in self.plan.stages)]:
+            self.data_for(data_spec)  # a bad data setting is bad input: found before any run
         self.tracker = Tracker(self.uri, self.experiment, self.spec.tracking.log_models)
-        self.ctx.run_id = self.tracker.start_pipeline(self.spec.name, self._tags(), self._params())
+        self.ctx.run_id = self.tracker.start_pipeline(
+            self.run_name, {**self._tags(), **self.extra_tags}, {**self._params(), **self.extra_params})
         self._log_pipeline_files()
         self.plugins.pipeline_start(self.ctx)
         status = "FAILED"
         try:
-            self._log_input()
+            self._run_input()
             for planned in self.plan.stages:
                 self._run_stage(planned)
             status = "FINISHED"
+            if self.register_model:
+                self._register()
         finally:
             self._log_summary()
             self.tracker.end_pipeline(status)
@@ -132,27 +163,43 @@ class PipelineRunner:
         }
 
     def _log_pipeline_files(self) -> None:
-        resolved = dict(self.plan.file.raw)
+        resolved = {k: v for k, v in self.plan.file.raw.items() if k != "sweep"}
         resolved["stages"] = [
             {"name": p.entry.name, p.stage.kind: {"method": p.stage.method,
                                                  **p.stage.params.model_dump(mode="json")},
-             **({"data": p.entry.data} if p.entry.data else {})}
+             **({"data": p.entry.data} if p.entry.data else {}),
+             **({"gate": p.entry.gate.model_dump(mode="json")} if p.entry.gate else {})}
             for p in self.plan.stages
         ]
         self.tracker.log_text(self.plan.file.text, "pipeline.yaml")
         self.tracker.log_text(yaml.safe_dump(resolved, sort_keys=False), "pipeline.resolved.yaml")
 
-    def _log_input(self) -> None:
-        self.tracker.start_stage(INPUT, flatten("model", self.spec.model.model_dump(mode="json")),
-                                 {"compressflow.kind": "input"})
-        try:
-            result = StageResult(model=self.models[INPUT])
-            self._measure_and_log(INPUT, "input", result)
-        except BaseException:
-            self.tracker.log_text(traceback.format_exc(), "error.txt")
-            self.tracker.end_stage("FAILED")
-            raise
+    def _run_input(self) -> None:
+        params = flatten("model", self.spec.model.model_dump(mode="json"))
+        with self.lock(self.plan.input_key):
+            found = self._find(self.plan.input_key)
+            self.tracker.start_stage(INPUT, params, self._stage_tags("input", self.plan.input_key, found))
+            try:
+                result = self._reused(found) if found else StageResult(model=self.models[INPUT])
+                self._measure_and_log(INPUT, "input", result, found)
+            except BaseException:
+                self.tracker.log_text(traceback.format_exc(), "error.txt")
+                self.tracker.end_stage("FAILED")
+                raise
         self.tracker.end_stage()
+
+    def _find(self, key: str) -> LoggedStage | None:
+        return self.tracker.find_stage(key) if self.reuse else None
+
+    def _stage_tags(self, kind: str, key: str, found: LoggedStage | None) -> dict[str, str]:
+        tags = {"compressflow.kind": kind, "compressflow.stage_key": key}
+        if found:
+            tags["compressflow.reused_from"] = found.run_id
+        return tags
+
+    def _reused(self, found: LoggedStage) -> StageResult:
+        return StageResult(model=self.tracker.load_model(found.model_uri), metrics=found.metrics,
+                           notes=[f"reused run {found.run_id}: same input, params, plugin and data"])
 
     def _stage_context(self, planned: PlannedStage) -> StageContext:
         name = planned.entry.name
@@ -172,57 +219,97 @@ class PipelineRunner:
         )
 
     def _run_stage(self, planned: PlannedStage) -> None:
-        import torch
-
         stage, entry = planned.stage, planned.entry
         params = flatten("", stage.params.model_dump(mode="json"))
         params.update(flatten("data", entry.data or {}))
-        tags = {"compressflow.kind": stage.kind, "compressflow.method": stage.method,
-                "compressflow.plugin": str(planned.provider)}
-        self.tracker.start_stage(entry.name, params, tags)
-        self.plugins.stage_start(stage, self.ctx)
         previous = list(self.models)[-1]
-        try:
-            stage_ctx = self._stage_context(planned)
-            torch.manual_seed(stage_ctx.seed)
-            result = stage.run(copy.deepcopy(self.models[previous]), stage_ctx)
-            if not isinstance(result, StageResult):
-                raise TypeError(f"run() returned {type(result).__name__}, not a StageResult")
-            self._measure_and_log(entry.name, f"{stage.kind}/{stage.method}", result)
-        except BaseException as error:
-            self.tracker.log_text(traceback.format_exc(), "error.txt")
-            self.tracker.end_stage("FAILED" if isinstance(error, Exception) else "KILLED")
-            self.plugins.stage_error(stage, error, self.ctx)
-            if not isinstance(error, Exception):
-                raise
-            # a stage failing at run time exits 1, even when it blames its input
-            cause = error.message if isinstance(error, CompressflowError) else f"{type(error).__name__}: {error}"
-            hint = f"{error.hint}; " if isinstance(error, CompressflowError) and error.hint else ""
-            raise StageFailed(
-                f"stage '{entry.name}' ({stage.kind}/{stage.method}, {planned.provider}) "
-                f"failed: {cause}",
-                f"{hint}its MLflow run {self.tracker.last_stage_id} is FAILED with error.txt; "
-                "every earlier stage's run and model is kept. COMPRESSFLOW_DEBUG=1 shows the traceback",
-            ) from error
+        with self.lock(planned.key):
+            found = self._find(planned.key)
+            tags = {**self._stage_tags(stage.kind, planned.key, found),
+                    "compressflow.method": stage.method, "compressflow.plugin": str(planned.provider)}
+            self.tracker.start_stage(entry.name, params, tags)
+            self.plugins.stage_start(stage, self.ctx)
+            try:
+                result = self._reused(found) if found else self._compute(planned, previous)
+                self._measure_and_log(entry.name, f"{stage.kind}/{stage.method}", result, found)
+            except BaseException as error:
+                self._fail(planned, error)
+        failures = self._check_gate(planned, previous)
         self.tracker.end_stage()
         self.plugins.stage_end(stage, result, self.ctx)
+        if failures and entry.gate.on_fail == "stop":
+            raise GateFailed(
+                f"stage '{entry.name}' failed its gate against '{entry.gate.against}': "
+                + "; ".join(failures),
+                "the pipeline stopped here (exit 3); every run so far is logged. "
+                "Use `gate: {on_fail: continue}` to record and go on")
 
-    def _measure_and_log(self, name: str, method: str, result: StageResult) -> None:
-        measure = self.spec.measure
+    def _compute(self, planned: PlannedStage, previous: str) -> StageResult:
+        import torch
+
+        stage_ctx = self._stage_context(planned)
+        torch.manual_seed(stage_ctx.seed)
+        result = planned.stage.run(copy.deepcopy(self.models[previous]), stage_ctx)
+        if not isinstance(result, StageResult):
+            raise TypeError(f"run() returned {type(result).__name__}, not a StageResult")
+        return result
+
+    def _fail(self, planned: PlannedStage, error: BaseException) -> None:
+        stage, entry = planned.stage, planned.entry
+        self.tracker.log_text(traceback.format_exc(), "error.txt")
+        self.tracker.end_stage("FAILED" if isinstance(error, Exception) else "KILLED")
+        self.plugins.stage_error(stage, error, self.ctx)
+        if not isinstance(error, Exception):
+            raise error
+        # a stage failing at run time exits 1, even when it blames its input
+        cause = error.message if isinstance(error, CompressflowError) else f"{type(error).__name__}: {error}"
+        hint = f"{error.hint}; " if isinstance(error, CompressflowError) and error.hint else ""
+        raise StageFailed(
+            f"stage '{entry.name}' ({stage.kind}/{stage.method}, {planned.provider}) failed: {cause}",
+            f"{hint}its MLflow run {self.tracker.last_stage_id} is FAILED with error.txt; every "
+            "earlier stage's run and model is kept. COMPRESSFLOW_DEBUG=1 shows the traceback",
+        ) from error
+
+    def _check_gate(self, planned: PlannedStage, previous: str) -> list[str]:
+        gate = planned.entry.gate
+        if gate is None:
+            return []
+        against = previous if gate.against == "previous" else gate.against
+        metric = self.spec.evaluation.metric
+        failures = gate_failures(gate, self.ctx.results[planned.entry.name].metrics,
+                                 self.ctx.results[against].metrics, metric,
+                                 self.plugins.metrics.get(metric).higher_is_better)
+        self.tracker.set_tags({"compressflow.gate": "failed" if failures else "passed"})
+        if failures:
+            self.tracker.log_text("\n".join(failures) + "\n", "gate.txt")
+            self.ctx.gate_failures.append(planned.entry.name)
+            self.ctx.summary[-1]["notes"] += " gate failed: " + "; ".join(failures)
+        return failures
+
+    def _measure_and_log(self, name: str, method: str, result: StageResult,
+                         found: LoggedStage | None) -> None:
         bundle = self.data_for(self.spec.data)
         example = bundle.example_input(1)
-        figures = self.evaluate(result.model)
-        figures.update(measure_model(result.model, example, bundle.example_input(64),
-                                     latency=measure.latency, threads=measure.threads,
-                                     warmup=measure.warmup, repeats=measure.repeats))
-        if name != INPUT:
-            self._compare_to_input(figures, result)
-        figures.update(result.metrics)
-        result.metrics = figures
-        self.tracker.log_metrics(figures)
-        self.tracker.log_model(result.model, example)
-        for artifact in result.artifacts.values():
-            self.tracker.log_file(Path(artifact))
+        if found:
+            # reused: the figures were measured when that run computed this very model
+            self.tracker.log_metrics(result.metrics)
+            self.tracker.set_tags({"compressflow.model_uri": found.model_uri})
+            self.model_uris[name] = found.model_uri
+            self.reused.append(name)
+        else:
+            measure = self.spec.measure
+            figures = self.evaluate(result.model)
+            figures.update(measure_model(result.model, example, bundle.example_input(64),
+                                         latency=measure.latency, threads=measure.threads,
+                                         warmup=measure.warmup, repeats=measure.repeats))
+            if name != INPUT:
+                self._compare_to_input(figures, result)
+            figures.update(result.metrics)
+            result.metrics = figures
+            self.tracker.log_metrics(figures)
+            self.model_uris[name] = self.tracker.log_model(result.model, example)
+            for artifact in result.artifacts.values():
+                self.tracker.log_file(Path(artifact))
         if result.notes:
             self.tracker.log_text("\n".join(result.notes) + "\n", "notes.txt")
         self.models[name] = result.model
@@ -252,7 +339,16 @@ class PipelineRunner:
                 "compressed_bytes": figures.get("compressed_bytes"),
                 "compressed_ratio": figures.get("compressed_ratio"),
                 "latency_b1_speedup": figures.get("latency_b1_speedup", 1.0),
-                "notes": " ".join(result.notes)}
+                "reused": name in self.reused, "notes": " ".join(result.notes)}
+
+    def _register(self) -> None:
+        register = self.spec.registration
+        uri = self.model_uris[list(self.ctx.results)[-1]]
+        if uri is None:
+            raise ConfigError("register: the final model was not logged (tracking.log_models is off)",
+                              "turn tracking.log_models on to register a model")
+        version = self.tracker.register(uri, register.name, register.alias)
+        self.tracker.set_tags({"compressflow.registered": f"{register.name}/{version}"})
 
     def _log_summary(self) -> None:
         import json
@@ -261,23 +357,17 @@ class PipelineRunner:
             return
         self.tracker.log_text(json.dumps(self.ctx.summary, indent=2), "summary.json")
         self.tracker.log_text(summary_markdown(self.ctx.summary), "summary.md")
-        final = {k: v for k, v in self.ctx.summary[-1].items() if isinstance(v, (int, float))}
-        self.tracker.log_metrics({k: v for k, v in final.items() if v is not None})
-
-
-def summary_markdown(rows: list[dict[str, Any]]) -> str:
-    """The summary as a Markdown table, one row a stage."""
-    columns = list(rows[0])
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        lines.append("| " + " | ".join(_cell(row[c]) for c in columns) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return "" if value is None else str(value)
+        self.tracker.log_file(stage_chart(self.ctx.summary, self.spec.evaluation.metric,
+                                          self.spec.name, self.workdir / "stages.png"))
+        final = {k: v for k, v in self.ctx.summary[-1].items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        self.tracker.log_metrics(final)
+        final_stage = self.ctx.summary[-1]["stage"]
+        tags = {"compressflow.final_stage": final_stage,
+                "compressflow.gate": "failed" if self.ctx.gate_failures else "passed"}
+        if self.model_uris.get(final_stage):
+            tags["compressflow.final_model_uri"] = self.model_uris[final_stage]
+        self.tracker.set_tags(tags)
 
 
 def run_pipeline(plan: Plan, tracking_uri: str | None = None,

@@ -247,6 +247,7 @@ class PipelineContext:
         experiment: the MLflow experiment. run_id: the parent run (None until it starts).
         results: finished stages' results by stage name (``input`` first).
         summary: one row a finished stage: stage, method, the metric, size, ratios, notes.
+        gate_failures: the stages whose gate failed.
     """
 
     spec: Any
@@ -256,3 +257,4 @@ class PipelineContext:
     run_id: str | None = None
     results: dict[str, StageResult] = field(default_factory=dict)
     summary: list[dict[str, Any]] = field(default_factory=list)
+    gate_failures: list[str] = field(default_factory=list)

@@ -8,11 +8,21 @@ explicit ``pip_requirements`` (inferring them costs seconds a call).
 from __future__ import annotations
 
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 MODEL_NAME = "model"
+
+
+@dataclass
+class LoggedStage:
+    """A finished stage run found in the store, whose result another run may reuse."""
+
+    run_id: str
+    model_uri: str | None
+    metrics: dict[str, float]
 
 
 def flatten(prefix: str, value: Any) -> dict[str, Any]:
@@ -99,7 +109,7 @@ class Tracker:
         with torch.inference_mode():
             output = model(example)
         signature = infer_signature(example.numpy(), output.numpy())
-        mlflow.pytorch.log_model(
+        info = mlflow.pytorch.log_model(
             model,
             name=MODEL_NAME,
             signature=signature,
@@ -107,9 +117,9 @@ class Tracker:
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
                               f"compressflow=={compressflow.__version__}"],
         )
-        uri = f"runs:/{self.stage_id}/{MODEL_NAME}"
-        self.mlflow.set_tag("compressflow.model_uri", uri)
-        return uri
+        # MLflow 3 keeps logged models apart from runs: models:/<model_id> is their own address
+        self.mlflow.set_tag("compressflow.model_uri", info.model_uri)
+        return info.model_uri
 
     def end_stage(self, status: str = "FINISHED") -> None:
         """Close the open stage run with ``status``."""
@@ -121,3 +131,37 @@ class Tracker:
         while self.mlflow.active_run() is not None:
             self.mlflow.end_run(status=status)
         self.parent_id = None
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        """Tags on the open run."""
+        self.mlflow.set_tags(tags)
+
+    def find_stage(self, key: str) -> LoggedStage | None:
+        """A stage run of this experiment with ``key`` whose model is logged, if any.
+
+        A run still open counts once its model is logged: a parallel sweep holds the stage's
+        lock only until then, and the figures are logged before the model.
+        """
+        runs = self.mlflow.search_runs(
+            experiment_ids=[self.experiment_id], output_format="list", max_results=20,
+            filter_string=f"tags.`compressflow.stage_key` = '{key}' and attributes.status != 'FAILED'",
+        )
+        for run in runs:
+            if run.data.tags.get("compressflow.model_uri"):
+                # a reused run points on to the run that computed the model: name that one
+                origin = run.data.tags.get("compressflow.reused_from", run.info.run_id)
+                return LoggedStage(origin, run.data.tags["compressflow.model_uri"], dict(run.data.metrics))
+        return None
+
+    def load_model(self, uri: str) -> Any:
+        """A model logged to this store."""
+        import mlflow.pytorch
+
+        return mlflow.pytorch.load_model(uri, map_location="cpu")
+
+    def register(self, model_uri: str, name: str, alias: str | None) -> str:
+        """Register ``model_uri`` as a new version of ``name`` (with ``alias``); its version."""
+        version = self.mlflow.register_model(model_uri, name).version
+        if alias:
+            self.mlflow.MlflowClient(self.uri).set_registered_model_alias(name, alias, version)
+        return str(version)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import typer
 
-from compressflow.cli import info, running
+from compressflow.cli import comparing, info, running
 
 app = typer.Typer(
     name="compressflow",
@@ -20,6 +20,8 @@ app.command("run")(running.run)
 app.command("validate")(running.validate)
 app.command("plugins")(info.plugins)
 app.command("schema")(info.schema)
+app.command("compare")(comparing.compare)
+app.command("ui")(comparing.ui)
 
 
 def main() -> None:

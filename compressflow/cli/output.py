@@ -7,6 +7,7 @@ from typing import Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.markup import escape
 from rich.table import Table
 
 from compressflow.hookspecs import hookimpl
@@ -112,3 +113,22 @@ def print_plugins(listing: dict) -> None:
         console.print(f"[bold]{section.replace('_', ' ')}[/]: {names}")
     for broken in listing["broken"]:
         console.print(f"[red]broken[/]: {broken['entry_point']} from {broken['distribution']}: {broken['error']}")
+
+
+def print_comparison(rows: list[dict], metric: str, by: str, experiment: str) -> None:
+    """The compare table: one row a pipeline run, Pareto rows starred."""
+    table = Table(title=f"{experiment}: {metric} vs {by}  (* = Pareto front)")
+    columns = [c for c in rows[0] if c != "run_id"] if rows else []
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*[escape(_shown(row[c], c)) for c in columns])
+    console.print(table)
+
+
+def _shown(value, column: str) -> str:
+    if column == "pareto":
+        return "*" if value else ""
+    if isinstance(value, float):
+        return f"{value:,.0f}" if value >= 1000 else f"{value:.4g}"
+    return "-" if value is None else str(value)

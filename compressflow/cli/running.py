@@ -42,24 +42,39 @@ def run(
     tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow store (default: sqlite:///mlflow.db).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and show the plan; run nothing.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars; the summary only.")] = False,
+    jobs: Annotated[int, typer.Option(min=1, help="Sweep variants run in this many processes.")] = 1,
+    reuse: Annotated[Optional[bool], typer.Option(
+        "--reuse/--no-reuse", help="Take stages already logged with the same key from the store "
+        "(default: on for sweeps, off otherwise).")] = None,
 ) -> None:
     """Run a pipeline: every stage in order, every model and metric logged to MLflow.
 
-    Exit codes: 0 done, 1 a stage failed (its run is FAILED, earlier ones kept), 2 bad input.
+    A pipeline with `sweep:` runs every variant into one experiment, then logs a summary run
+    with the comparison table, the Pareto plot and (with `register:`) the registered pick.
+    Exit codes: 0 done, 1 a stage failed (its run is FAILED, earlier ones kept), 2 bad input,
+    3 a quality gate stopped the pipeline.
     """
     from compressflow.cli.output import print_plan, print_summary, progress_observer
+    from compressflow.config import load_pipeline
     from compressflow.engine import validate as validate_plan
     from compressflow.plugins import load_plugins
 
     plugins = load_plugins()
     _warn_broken(plugins)
-    plan = validate_plan(pipeline, set_ or [], plugins)
+    overrides = set_ or []
+    if load_pipeline(pipeline, overrides).spec.sweep:
+        from compressflow.cli.sweeping import run_sweep
+
+        run_sweep(pipeline, overrides, plugins, experiment, tracking_uri, dry_run, quiet, jobs,
+                  True if reuse is None else reuse)
+        return
+    plan = validate_plan(pipeline, overrides, plugins)
     if dry_run:
         print_plan(plan)
         return
     from compressflow.runner import PipelineRunner
 
-    runner = PipelineRunner(plan, tracking_uri, experiment)
+    runner = PipelineRunner(plan, tracking_uri, experiment, reuse=bool(reuse))
     with progress_observer(plugins, len(plan.stages), enabled=not quiet):
         ctx = runner.run()
     print_summary(ctx)

@@ -47,14 +47,21 @@ def load_synthetic_bundle(spec: DataSpec, seed: int, input_shape) -> DataBundle:
 def make_bundle(features: np.ndarray, labels: np.ndarray, spec: DataSpec, seed: int,
                 sample_shape: tuple[int, ...]) -> DataBundle:
     """Split (stratified by seed), keep ``train_fraction`` of train, standardize, load."""
-    x_train, x_val, y_train, y_val = train_test_split(
-        features, labels, test_size=spec.val_fraction, stratify=labels, random_state=seed)
+    try:
+        x_train, x_val, y_train, y_val = train_test_split(
+            features, labels, test_size=spec.val_fraction, stratify=labels, random_state=seed)
+    except ValueError as error:  # a split with fewer samples than classes
+        raise _split_error("val_fraction", spec.val_fraction, error) from None
     # statistics of the whole training split, so a smaller train_fraction sees the same scale
     mean, std = x_train.mean(axis=0), x_train.std(axis=0)
     std[std < 1e-6] = 1.0  # a pixel blank in every training image must not blow up elsewhere
     if spec.train_fraction < 1.0:
-        x_train, _, y_train, _ = train_test_split(
-            x_train, y_train, train_size=spec.train_fraction, stratify=y_train, random_state=seed)
+        try:
+            x_train, _, y_train, _ = train_test_split(
+                x_train, y_train, train_size=spec.train_fraction, stratify=y_train,
+                random_state=seed)
+        except ValueError as error:
+            raise _split_error("train_fraction", spec.train_fraction, error) from None
 
     def tensors(x: np.ndarray, y: np.ndarray) -> TensorDataset:
         x = torch.tensor((x - mean) / std, dtype=torch.float32).reshape(-1, *sample_shape)
@@ -71,3 +78,8 @@ def make_bundle(features: np.ndarray, labels: np.ndarray, spec: DataSpec, seed: 
         num_classes=int(labels.max()) + 1,
         sample_shape=sample_shape,
     )
+
+
+def _split_error(field: str, value: float, error: ValueError) -> ConfigError:
+    return ConfigError(f"data.{field} {value:g} leaves a split too small: {error}",
+                       "a stratified split needs at least one sample of every class on each side")

@@ -1,0 +1,227 @@
+"""Sweeps: one pipeline file, many variants (``sweep:`` paths x values), one experiment.
+
+Every variant is validated before the first one runs. Variants run with stage reuse: a
+stage whose key (its input, params, plugin version, data, seed) another variant already
+logged is taken from that run, so a 3x2 sweep over prune and quantize trains its baseline
+once. With ``jobs > 1`` variants run in worker processes; a file lock per stage key makes
+each shared stage computed once, whoever gets there first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from compressflow.config import load_pipeline
+from compressflow.engine import Plan, validate
+from compressflow.errors import CompressflowError, ConfigError
+from compressflow.plugins import Plugins
+
+
+@dataclass
+class Variant:
+    """One point of the sweep: its values by path, and its validated plan."""
+
+    index: int
+    values: dict[str, Any]
+    plan: Plan
+
+    @property
+    def label(self) -> str:
+        """``sparsity=0.7, method=fake-quant``: the last part of each path and its value."""
+        return ", ".join(f"{path.split('.')[-1]}={value}" for path, value in self.values.items())
+
+
+@dataclass
+class VariantOutcome:
+    """How a variant ended: FINISHED, GATE_FAILED or FAILED, with its parent run."""
+
+    variant: int
+    status: str
+    run_id: str | None = None
+    reused: list[str] = field(default_factory=list)
+    computed: list[str] = field(default_factory=list)
+    message: str = ""
+
+
+def expand(sweep: dict[str, Any], place: str) -> list[dict[str, Any]]:
+    """The variants' values: the cross product of the lists, or (mode: zip) their rows."""
+    axes = dict(sweep)
+    mode = axes.pop("mode", "product")
+    if mode not in ("product", "zip"):
+        raise ConfigError(f"{place}: sweep mode '{mode}' is neither product nor zip",
+                          "write mode: product (every combination) or mode: zip (row by row)")
+    if not axes:
+        raise ConfigError(f"{place}: the sweep names no path", "e.g. stages.2.prune.sparsity: [0.5, 0.9]")
+    for path, values in axes.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{place}: sweep values of '{path}' must be a non-empty list")
+    if mode == "zip":
+        lengths = {len(v) for v in axes.values()}
+        if len(lengths) > 1:
+            raise ConfigError(f"{place}: mode zip needs lists of one length, got {sorted(lengths)}",
+                              "give every path as many values, or use mode: product")
+        return [dict(zip(axes, row)) for row in zip(*axes.values())]
+    return [dict(zip(axes, row)) for row in itertools.product(*axes.values())]
+
+
+def plan_variants(path: str | Path, overrides: list[str], plugins: Plugins) -> list[Variant]:
+    """Expand the sweep and validate every variant, each named in its errors."""
+    base = load_pipeline(path, overrides)
+    place = base.place(("sweep",))
+    variants = []
+    for index, values in enumerate(expand(base.spec.sweep or {}, place)):
+        try:
+            plan = validate(path, [*overrides, *values.items()], plugins)
+        except CompressflowError as error:
+            error.message = f"sweep variant {index} ({values}): {error.message}"
+            raise
+        variants.append(Variant(index, values, plan))
+    return variants
+
+
+def reuse_plan(variants: list[Variant], logged: set[str]) -> list[list[str]]:
+    """For each variant, each stage's fate: 'run', 'reuse: store' or 'reuse: variant N'."""
+    first_seen: dict[str, int] = {}
+    fates = []
+    for variant in variants:
+        row = []
+        for key in [variant.plan.input_key, *(s.key for s in variant.plan.stages)]:
+            if key in logged:
+                row.append("reuse: store")
+            elif key in first_seen:
+                row.append(f"reuse: variant {first_seen[key]}")
+            else:
+                first_seen[key] = variant.index
+                row.append("run")
+        fates.append(row)
+    return fates
+
+
+@contextlib.contextmanager
+def file_lock(folder: Path, key: str) -> Iterator[None]:
+    """An exclusive lock on ``folder/key.lock`` (held across processes)."""
+    import fcntl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"{key}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def new_sweep_id() -> str:
+    """A short id tagging every run of one sweep."""
+    return uuid.uuid4().hex[:10]
+
+
+@dataclass
+class SweepJob:
+    """What a worker needs to run one variant (picklable: plans are rebuilt in the worker)."""
+
+    path: str
+    overrides: list[Any]
+    index: int
+    values: dict[str, Any]
+    uri: str
+    experiment: str
+    sweep_id: str
+    lock_dir: str
+
+
+def _run_job(job: SweepJob, variant: Variant | None = None) -> VariantOutcome:
+    from compressflow.gates import GateFailed
+    from compressflow.plugins import load_plugins
+    from compressflow.runner import PipelineRunner
+
+    if variant is None:  # in a worker process: its own plugins, the same validation
+        plan = validate(job.path, [*job.overrides, *job.values.items()], load_plugins())
+        variant = Variant(job.index, job.values, plan)
+    runner = PipelineRunner(
+        variant.plan, job.uri, job.experiment, reuse=True,
+        lock=lambda key: file_lock(Path(job.lock_dir), key),
+        tags={"compressflow.sweep_id": job.sweep_id, "compressflow.variant": str(job.index)},
+        params={f"sweep.{path}": value for path, value in job.values.items()},
+        register=False, run_name=f"{variant.plan.spec.name} [{variant.label}]")
+    outcome = VariantOutcome(job.index, "FINISHED")
+    try:
+        runner.run()
+    except GateFailed as error:
+        outcome.status, outcome.message = "GATE_FAILED", error.message
+    except CompressflowError as error:
+        outcome.status, outcome.message = "FAILED", error.message
+    outcome.run_id = runner.ctx.run_id
+    outcome.reused = list(runner.reused)
+    outcome.computed = [name for name in runner.ctx.results if name not in runner.reused]
+    return outcome
+
+
+def run_variants(variants: list[Variant], path: str | Path, overrides: list[str], uri: str,
+                 experiment: str, jobs: int = 1) -> tuple[str, list[VariantOutcome]]:
+    """Run every variant (``jobs`` at a time); returns the sweep id and each outcome."""
+    import tempfile
+
+    from compressflow.tracking import Tracker
+
+    Tracker(uri, experiment)  # the store and experiment exist before any worker starts
+    sweep_id = new_sweep_id()
+    lock_dir = tempfile.mkdtemp(prefix=f"compressflow-sweep-{sweep_id}-")
+    job_list = [SweepJob(str(path), list(overrides), v.index, v.values, uri, experiment, sweep_id,
+                         lock_dir) for v in variants]
+    if jobs <= 1:
+        return sweep_id, [_run_job(job, variant) for job, variant in zip(job_list, variants)]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return sweep_id, list(pool.map(_run_job, job_list))
+
+
+def summarize(variants: list[Variant], sweep_id: str, uri: str, experiment: str) -> dict[str, Any]:
+    """The sweep's summary run: the compare table and plot, and the registered pick."""
+    import json
+    import tempfile
+
+    from compressflow import compare
+    from compressflow.report import summary_markdown
+    from compressflow.tracking import Tracker
+
+    spec = variants[0].plan.spec
+    metric, by = spec.evaluation.metric, "size_bytes"
+    higher = variants[0].plan.plugins.metrics.get(metric).higher_is_better
+    rows = compare.mark_pareto(compare.load_rows(uri, experiment, metric, by, sweep_id), higher)
+    table = compare.as_table(rows, metric, by)
+    tracker = Tracker(uri, experiment)
+    tracker.start_pipeline(f"sweep-{sweep_id}", {"compressflow.sweep_id": sweep_id,
+                                                 "compressflow.kind": "sweep-summary"},
+                           {"variants": len(variants), "mode": (spec.sweep or {}).get("mode", "product")})
+    chosen = None
+    try:
+        tracker.log_text(json.dumps(table, indent=2, default=str), "compare.json")
+        tracker.log_text(summary_markdown(table), "compare.md")
+        folder = Path(tempfile.mkdtemp())
+        tracker.log_file(compare.plot(rows, metric, by, folder / "pareto.png", f"{spec.name} sweep {sweep_id}"))
+        if spec.registration is not None:
+            rule = spec.select or _default_select()
+            chosen = compare.select(rows, rule.max_metric_drop, rule.then, higher)
+            if chosen is None or chosen.model_uri is None:
+                raise ConfigError(f"sweep {sweep_id}: no finished variant passed its gates; nothing registered",
+                                  "loosen the gates or the sweep's values")
+            version = tracker.register(chosen.model_uri, spec.registration.name, spec.registration.alias)
+            tracker.set_tags({"compressflow.registered": f"{spec.registration.name}/{version}",
+                              "compressflow.selected_run": chosen.run_id})
+    finally:
+        tracker.end_pipeline("FINISHED")
+    return {"table": table, "chosen": chosen, "rows": rows}
+
+
+def _default_select():
+    from compressflow.config import SelectSpec
+
+    return SelectSpec()
