@@ -21,16 +21,38 @@ from torch import nn
 
 
 def weight_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every stored weight and bias as a plain tensor (quantized ones as their integers)."""
+    """Every stored weight and bias as a plain tensor (quantized ones as their integers).
+
+    Quantized layers keep their weights outside ``parameters()``: torch.ao's expose them
+    through ``weight()``/``bias()`` methods, and a plugin's packed layer may do the same
+    through a ``_packed_params._weight_bias()`` pair.
+    """
     for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
         for name, param in module.named_parameters(recurse=False):
-            yield f"{module_name}.{name}".lstrip("."), param.detach()
-        packed = getattr(module, "_packed_params", None)
-        if packed is not None and hasattr(packed, "_weight_bias"):
-            weight, bias = packed._weight_bias()
-            yield f"{module_name}.weight", weight.int_repr() if weight.is_quantized else weight
-            if bias is not None:
-                yield f"{module_name}.bias", bias.detach()
+            yield prefix + name, param.detach()
+        if callable(getattr(type(module), "weight", None)):
+            weight, bias = module.weight(), module.bias() if callable(getattr(module, "bias", None)) else None
+        elif hasattr(getattr(module, "_packed_params", None), "_weight_bias"):
+            weight, bias = module._packed_params._weight_bias()
+        else:
+            continue
+        yield prefix + "weight", _plain(weight)
+        if bias is not None:
+            yield prefix + "bias", _plain(bias)
+
+
+def _plain(tensor: torch.Tensor) -> torch.Tensor:
+    tensor = tensor.detach()
+    return tensor.int_repr() if tensor.is_quantized else tensor
+
+
+def _nonzero(tensor: torch.Tensor) -> int:
+    try:
+        return int(torch.count_nonzero(tensor))
+    except (NotImplementedError, RuntimeError):
+        # tensor subclasses (torchao's) may not count; their dequantized values can
+        return int(torch.count_nonzero(tensor.dequantize()))
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:
@@ -38,7 +60,7 @@ def count_params(model: nn.Module) -> tuple[int, int]:
     total = nonzero = 0
     for _, tensor in weight_tensors(model):
         total += tensor.numel()
-        nonzero += int(torch.count_nonzero(tensor))
+        nonzero += _nonzero(tensor)
     return total, nonzero
 
 

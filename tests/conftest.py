@@ -9,6 +9,9 @@ import pytest
 import yaml
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# small models train fastest on one thread, and a loaded 2-core machine slows many threads
+# down many times over; worker processes (sweeps with --jobs) inherit this too
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 

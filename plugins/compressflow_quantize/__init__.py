@@ -3,9 +3,13 @@ layers (int8 weights, activations quantized on the fly). Its speed is measured, 
 
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
 from pydantic import Field
 
 from compressflow import Stage, StageParams, StageResult, hookimpl
+from compressflow.training import TrainParams
+from compressflow_quantize.kmeans import KMeansQuantize  # light: torch only inside run()
 
 
 class DynamicInt8(Stage):
@@ -26,7 +30,150 @@ class DynamicInt8(Stage):
                            notes=[f"int8 weights in {len(names)} Linear layers"])
 
 
+# --- fake-quant, static-int8, qat, auto (heavy code in fakequant/static/qat/auto.py) ---------
+
+Bits = Annotated[int, Field(ge=2, le=8)]
+Backend = Literal["x86", "fbgemm", "qnnpack"]
+
+
+class FakeQuant(Stage):
+    """N-bit weights (2..8) stored as packed integers plus scales, dequantized to compute."""
+
+    kind = "quantize"
+    method = "fake-quant"
+
+    class Params(StageParams):
+        bits: Bits = Field(8, description="bits per weight (2..8)")
+        layer_bits: dict[str, Bits] = Field(
+            default_factory=dict,
+            description="bits per layer-name pattern (fnmatch), first match wins: {'layers.0': 8}")
+        scheme: Literal["symmetric", "asymmetric"] = Field(
+            "symmetric", description="symmetric: zero point fixed at 0; asymmetric: min..max mapped")
+        granularity: Literal["per-channel", "per-tensor"] = Field(
+            "per-channel", description="one scale per output channel, or one per tensor")
+        scale: Literal["minmax", "mse"] = Field(
+            "minmax", description="minmax: the whole range; mse: the clipping of least squared error")
+        mse_grid: int = Field(100, ge=2, le=10000, description="clipping factors tried by mse")
+        include: list[str] = Field(default_factory=lambda: ["*"], description="layer-name patterns (fnmatch)")
+        exclude: list[str] = Field(default_factory=list, description="layer-name patterns kept fp32")
+
+        def spec_for(self, layer: str):
+            """The QuantSpec of ``layer``."""
+            from fnmatch import fnmatch
+
+            from compressflow_quantize.fakequant import QuantSpec
+
+            bits = next((b for p, b in self.layer_bits.items() if fnmatch(layer, p)), self.bits)
+            return QuantSpec(bits=bits, symmetric=self.scheme == "symmetric",
+                             per_channel=self.granularity == "per-channel", scale=self.scale,
+                             grid=self.mse_grid)
+
+    def run(self, model, ctx):
+        from compressflow_quantize import fakequant
+
+        p = self.params
+        layers = fakequant.quantizable_layers(model, p.include, p.exclude)
+        reports = fakequant.fake_quantize(model, layers, p.spec_for)
+        table = ctx.workdir / "fake_quant_layers.md"
+        table.write_text(fakequant.layer_table(reports))
+        float_bytes = sum(r.float_bytes for r in reports)
+        packed = sum(r.packed_bytes for r in reports)
+        metrics = {"quantized_layers": len(reports),
+                   "weight_mse": sum(r.mse for r in reports) / len(reports),
+                   "weight_bytes_ratio": float_bytes / packed}
+        bits = sorted({r.bits for r in reports})
+        notes = [f"{len(reports)} layers hold {'/'.join(map(str, bits))}-bit packed integer weights "
+                 f"({p.scheme}, {p.granularity}, scale by {p.scale}); they are dequantized to "
+                 "fp32 for every forward: smaller on disk, not faster"]
+        return StageResult(model, metrics=metrics, artifacts={"fake_quant_layers": table},
+                           notes=notes)
+
+
+class StaticInt8(Stage):
+    """torch.ao FX static int8: fused Conv/Linear(+BN+ReLU), activations calibrated."""
+
+    kind = "quantize"
+    method = "static-int8"
+
+    class Params(StageParams):
+        backend: Backend = Field("x86", description="torch.ao quantized engine and its default qconfig")
+        exclude: list[str] = Field(default_factory=list, description="module-name patterns kept fp32")
+        calibration_batches: int | None = Field(
+            None, ge=1, description="calibration batches used (default: all of data.calibration_batches)")
+
+    def run(self, model, ctx):
+        from compressflow_quantize.static import quantize_static, quantized_layers
+
+        p = self.params
+        data = ctx.data
+        quantized, seen = quantize_static(model, data.calibration, data.example_input(2),
+                                          p.backend, p.exclude, p.calibration_batches)
+        layers = quantized_layers(quantized)
+        return StageResult(quantized, metrics={"quantized_layers": len(layers),
+                                               "calibration_samples": seen},
+                           notes=[f"static int8 ({p.backend}): {len(layers)} Linear/Conv layers, "
+                                  f"activation scales calibrated on {seen} samples"])
+
+
+class QAT(Stage):
+    """Quantization-aware training: fake quantization (STE) trained by the shared loop, then int8."""
+
+    kind = "quantize"
+    method = "qat"
+
+    class Params(TrainParams):
+        epochs: int = Field(3, ge=0, description="QAT epochs over the training split")
+        lr: float = Field(1e-4, gt=0, description="learning rate (small: the model is trained)")
+        backend: Backend = Field("x86", description="torch.ao quantized engine and its default qconfig")
+        exclude: list[str] = Field(default_factory=list, description="module-name patterns kept fp32")
+        freeze_after: int | None = Field(
+            None, ge=1, description="epochs after which quantization ranges and BatchNorm stats freeze")
+
+    def run(self, model, ctx):
+        from compressflow_quantize.qat import quantization_aware_training
+        from compressflow_quantize.static import quantized_layers
+
+        p = self.params
+        quantized, metrics, notes = quantization_aware_training(
+            model, ctx, p, p.backend, p.exclude, p.freeze_after)
+        metrics["quantized_layers"] = len(quantized_layers(quantized))
+        return StageResult(quantized, metrics=metrics, notes=notes)
+
+
+class AutoQuantize(Stage):
+    """Try the int8 candidates that apply; keep the fastest, measured here, within the drop."""
+
+    kind = "quantize"
+    method = "auto"
+
+    class Params(StageParams):
+        max_metric_drop: float = Field(
+            0.01, ge=0, description="largest drop of the task metric from the input model (0.01 = 1 pt)")
+        candidates: list[Literal["dynamic-int8", "static-int8", "torchao-int8-dynamic"]] = Field(
+            default_factory=lambda: ["dynamic-int8", "static-int8", "torchao-int8-dynamic"],
+            description="int8 candidates tried besides the fp32 input")
+        optimize_for: Literal["latency_b1", "latency_b64"] = Field(
+            "latency_b1", description="which measured latency decides")
+        higher_is_better: bool = Field(True, description="direction of the task metric")
+        backend: Backend = Field("x86", description="torch.ao engine of the torch.ao candidates")
+        threads: int = Field(1, ge=1, description="torch threads while timing")
+        warmup: int = Field(5, ge=0)
+        repeats: int = Field(30, ge=3)
+        rounds: int = Field(3, ge=1, description="timing turns over all candidates; medians taken")
+
+    def run(self, model, ctx):
+        from compressflow_quantize.auto import auto_quantize
+
+        chosen, metrics, artifacts, notes = auto_quantize(model, ctx, self.params)
+        return StageResult(chosen, metrics=metrics, artifacts=artifacts, notes=notes)
+
+
 @hookimpl
 def register_stages(registry) -> None:
     """quantize/dynamic-int8."""
     registry.add(DynamicInt8)
+    registry.add(KMeansQuantize)  # quantize/kmeans: Deep Compression weight sharing
+    registry.add(FakeQuant)  # quantize/fake-quant: packed N-bit integer weights
+    registry.add(StaticInt8)  # quantize/static-int8: torch.ao FX, calibrated
+    registry.add(QAT)  # quantize/qat: fake quantization trained, then int8
+    registry.add(AutoQuantize)  # quantize/auto: fastest measured int8 within the drop
