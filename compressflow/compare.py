@@ -49,7 +49,11 @@ def load_rows(uri: str, experiment: str, metric: str = "accuracy", by: str = "si
     from mlflow.tracking import MlflowClient
 
     from compressflow.errors import ConfigError
+    from compressflow.tracking import quiet_mlflow_logs, store_exists
 
+    if not store_exists(uri):
+        raise ConfigError(f"no store at {uri}", "run a pipeline first, or pass --tracking-uri")
+    quiet_mlflow_logs()
     client = MlflowClient(uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:

@@ -35,6 +35,21 @@ def flatten(prefix: str, value: Any) -> dict[str, Any]:
     return {prefix: value}
 
 
+def quiet_mlflow_logs() -> None:
+    """Hide MLflow's table-creation notices and its pickle warning (a format chosen on purpose)."""
+    import logging
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
+
+
+def store_exists(uri: str) -> bool:
+    """False for a sqlite store whose file is not there yet (reading it would create it)."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///")).exists()
+    return True
+
+
 def git_commit(folder: Path) -> str | None:
     """The commit of the git checkout holding ``folder``, if there is one."""
     try:
@@ -49,13 +64,9 @@ class Tracker:
     """Opens and closes the runs of one pipeline and logs into the current one."""
 
     def __init__(self, uri: str, experiment: str, log_models: bool = True) -> None:
-        import logging
-
         import mlflow
 
-        # table creation notices, and the pickle warning for a format chosen on purpose
-        logging.getLogger("mlflow").setLevel(logging.WARNING)
-        logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
+        quiet_mlflow_logs()
 
         self.mlflow = mlflow
         self.uri, self.experiment, self.log_models = uri, experiment, log_models

@@ -47,7 +47,11 @@ def _only_experiment(uri: str) -> str:
     from mlflow.tracking import MlflowClient
 
     from compressflow.errors import ConfigError
+    from compressflow.tracking import quiet_mlflow_logs, store_exists
 
+    if not store_exists(uri):
+        raise ConfigError(f"no store at {uri}", "run a pipeline first, or pass --tracking-uri")
+    quiet_mlflow_logs()
     names = [e.name for e in MlflowClient(uri).search_experiments() if e.name != "Default"]
     if len(names) != 1:
         raise ConfigError(f"{uri} holds {len(names)} experiments: name one",

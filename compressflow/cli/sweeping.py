@@ -53,6 +53,11 @@ def raise_no_reuse() -> None:
 def _logged_keys(uri: str, experiment: str) -> set[str]:
     from mlflow.tracking import MlflowClient
 
+    from compressflow.tracking import quiet_mlflow_logs, store_exists
+
+    if not store_exists(uri):
+        return set()
+    quiet_mlflow_logs()
     client = MlflowClient(uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
