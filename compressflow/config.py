@@ -19,6 +19,7 @@ from compressflow.errors import ConfigError
 from compressflow.stage import MODEL_REFS, DataSpec, ModelSpec
 
 STAGE_KEYS = ("name", "data", "gate")
+OPTIONAL_SECTIONS = ("evaluation", "measure", "tracking")
 Path_ = tuple[Any, ...]
 
 
@@ -222,6 +223,8 @@ def _apply_override(raw: dict[str, Any], override: Override) -> str:
         raise ConfigError(f"--set {override}: expected PATH=VALUE", "e.g. --set stages.2.prune.sparsity=0.9")
     parts = _split(dotted)
     node: Any = raw
+    if len(parts) > 1 and parts[0] in OPTIONAL_SECTIONS:
+        raw.setdefault(parts[0], {})  # a section left to its defaults can still be set
     for depth, part in enumerate(parts[:-1]):
         node = _child(node, part, parts[: depth + 1], dotted)
     last = parts[-1]

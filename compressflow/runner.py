@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import shutil
 import tempfile
 import traceback
 from pathlib import Path
@@ -138,6 +139,7 @@ class PipelineRunner:
             self._log_summary()
             self.tracker.end_pipeline(status)
             self.plugins.pipeline_end(self.ctx, status)
+            shutil.rmtree(self.workdir, ignore_errors=True)  # its files are logged by now
         return self.ctx
 
     def _tags(self) -> dict[str, str]:
@@ -214,6 +216,7 @@ class PipelineRunner:
             model_at=lambda ref: self.model_at(ref, name),
             build_model=lambda spec: self.build_model(spec, f"stage '{name}'"),
             log_metric=self.tracker.log_metric,
+            log_metrics=self.tracker.log_metrics,
             progress=lambda step, total, figures: self.plugins.stage_progress(
                 stage, step, total, figures),
         )

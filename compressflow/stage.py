@@ -155,11 +155,13 @@ class StageContext:
         log_metric: Callable[[str, float, int | None], None],
         progress: Callable[[int, int, dict[str, float]], None],
         device: str = "cpu",
+        log_metrics: Callable[[dict[str, float], int | None], None] | None = None,
     ) -> None:
         self.name, self.seed, self.workdir, self.metric = name, seed, workdir, metric
         self.device = device
         self._data, self._evaluate, self._model_at = data, evaluate, model_at
         self._build_model, self._log_metric, self._progress = build_model, log_metric, progress
+        self._log_metrics = log_metrics
 
     @property
     def data(self) -> DataBundle:
@@ -181,6 +183,14 @@ class StageContext:
     def log_metric(self, name: str, value: float, step: int | None = None) -> None:
         """Log a figure to this stage's MLflow run (with ``step`` for curves)."""
         self._log_metric(name, value, step)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """Log several figures at once (one write to the store where it can batch them)."""
+        if self._log_metrics is not None:
+            self._log_metrics(metrics, step)
+        else:
+            for name, value in metrics.items():
+                self._log_metric(name, value, step)
 
     def progress(self, step: int, total: int, metrics: dict[str, float]) -> None:
         """Report progress to observers (fires ``stage_progress``)."""

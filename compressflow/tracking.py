@@ -95,9 +95,9 @@ class Tracker:
         """One figure into the open stage run (or the parent between stages)."""
         self.mlflow.log_metric(name, float(value), step=step)
 
-    def log_metrics(self, metrics: dict[str, float]) -> None:
-        """Several figures at once into the open run."""
-        self.mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """Several figures at once into the open run (one write to the store)."""
+        self.mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
     def log_text(self, text: str, name: str) -> None:
         """A text artifact of the open run."""

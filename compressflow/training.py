@@ -114,8 +114,7 @@ def fit(
             seen += len(targets)
         figures = {"train_loss": running / max(seen, 1)}
         figures.update({f"val_{k}": v for k, v in ctx.evaluate(model).items()})
-        for name, value in figures.items():
-            ctx.log_metric(name, value, step_offset + epoch)
+        ctx.log_metrics(figures, step_offset + epoch)
         ctx.progress(epoch, params.epochs, figures)
         history.append(figures)
     model.eval()

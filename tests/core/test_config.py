@@ -94,3 +94,11 @@ def test_content_hash_follows_content(tmp_path):
     again = load_pipeline(write_pipeline(tmp_path, [{"train": {"epochs": 1}}], name="a"))
     other = load_pipeline(write_pipeline(tmp_path, [{"train": {"epochs": 2}}], name="a"))
     assert first.content_hash() == again.content_hash() != other.content_hash()
+
+
+def test_override_into_a_section_left_to_defaults(tmp_path):
+    loaded = _load(tmp_path, GOOD, ["measure.latency=false", "tracking.experiment=other"])
+    assert loaded.spec.measure.latency is False and loaded.spec.tracking.experiment == "other"
+    with pytest.raises(ConfigError) as error:
+        _load(tmp_path, GOOD, ["measure.speed=1"])
+    assert "--set measure.speed" in str(error.value) and "unknown key 'speed'" in str(error.value)
