@@ -97,10 +97,7 @@ class Tracker:
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         """Several figures at once into the open run (one write to the store)."""
-        # curves (with a step) are written in the background while training goes on;
-        # end_run waits for them
-        self.mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step,
-                                synchronous=step is None)
+        self.mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
     def log_text(self, text: str, name: str) -> None:
         """A text artifact of the open run."""
