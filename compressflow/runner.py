@@ -139,8 +139,11 @@ class PipelineRunner:
             self._log_summary()
             self.tracker.end_pipeline(status)
             self.plugins.pipeline_end(self.ctx, status)
-            shutil.rmtree(self.workdir, ignore_errors=True)  # its files are logged by now
         return self.ctx
+
+    def cleanup(self) -> None:
+        """Remove the stages' work folders (their files are logged; results still name them)."""
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
     def _tags(self) -> dict[str, str]:
         import compressflow

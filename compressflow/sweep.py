@@ -156,6 +156,8 @@ def _run_job(job: SweepJob, variant: Variant | None = None) -> VariantOutcome:
         outcome.status, outcome.message = "GATE_FAILED", error.message
     except CompressflowError as error:
         outcome.status, outcome.message = "FAILED", error.message
+    finally:
+        runner.cleanup()
     outcome.run_id = runner.ctx.run_id
     outcome.reused = list(runner.reused)
     outcome.computed = [name for name in runner.ctx.results if name not in runner.reused]

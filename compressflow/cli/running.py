@@ -75,6 +75,9 @@ def run(
     from compressflow.runner import PipelineRunner
 
     runner = PipelineRunner(plan, tracking_uri, experiment, reuse=bool(reuse))
-    with progress_observer(plugins, len(plan.stages), enabled=not quiet):
-        ctx = runner.run()
+    try:
+        with progress_observer(plugins, len(plan.stages), enabled=not quiet):
+            ctx = runner.run()
+    finally:
+        runner.cleanup()
     print_summary(ctx)

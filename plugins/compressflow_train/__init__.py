@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from pydantic import Field
 
 from compressflow import ModelSpec, Stage, StageResult, hookimpl
+from compressflow.stage import REF_MARK
 from compressflow.training import TrainParams, fit
+
+OptionalStageRef = Annotated[str | None, Field(json_schema_extra={REF_MARK: True})]
+"""A StageRef that may be left out. ``StageRef | None`` loses the mark inside the union, and
+the engine would then not check the name before the run: the mark must sit on the field."""
 
 
 class Train(Stage):
@@ -33,7 +40,12 @@ class Train(Stage):
 
 
 class Finetune(Stage):
-    """Continue training the current model; zero weights stay exactly zero by default."""
+    """Continue training the current model; zero weights stay exactly zero by default.
+
+    With ``teacher`` (``input``, ``previous`` or a stage's name: typically the model before
+    pruning) the loss is distillation's, ``alpha * T^2 * KL(teacher || model) + (1 - alpha) *
+    cross-entropy`` (compressflow_distill's one implementation): recovery by distillation.
+    """
 
     kind = "finetune"
     method = "supervised"
@@ -41,10 +53,44 @@ class Finetune(Stage):
 
     class Params(TrainParams):
         keep_zeros: bool = Field(True, description="pruned (zero) weights stay zero")
+        teacher: OptionalStageRef = Field(
+            None, description="distill from this model while finetuning: input, previous or a stage's name")
+        temperature: float = Field(4.0, gt=0, description="with teacher: softens both distributions")
+        alpha: float = Field(0.9, ge=0, le=1, description="with teacher: weight of the distillation term")
 
     def run(self, model, ctx):
-        history = fit(model, ctx.data, self.params, ctx, freeze_zeros=self.params.keep_zeros)
+        refuse_quantized(model)
+        loss_fn = None
+        if self.params.teacher:
+            from compressflow_distill.losses import logits_kd_loss
+
+            teacher = ctx.model_at(self.params.teacher)
+            loss_fn = logits_kd_loss(teacher, self.params.temperature, self.params.alpha)
+        history = fit(model, ctx.data, self.params, ctx, loss_fn=loss_fn,
+                      freeze_zeros=self.params.keep_zeros)
         return StageResult(model, metrics=_last(history))
+
+
+def quantized_layers(model) -> list[str]:
+    """Names of the torch.ao quantized modules (int8 kernels: no float weights to train)."""
+    prefixes = ("torch.ao.nn.quantized", "torch.nn.quantized", "torch.ao.nn.intrinsic.quantized")
+    found: list[str] = []
+    for name, module in model.named_modules():
+        inside = any(name.startswith(f"{outer}.") for outer in found)  # its packed params
+        if not inside and type(module).__module__.startswith(prefixes):
+            found.append(name)
+    return [name or "(root)" for name in found]
+
+
+def refuse_quantized(model) -> None:
+    """A ValueError naming the quantized layers: gradient descent cannot train int8 kernels."""
+    layers = quantized_layers(model)
+    if layers:
+        shown = ", ".join(layers[:8]) + (f" and {len(layers) - 8} more" if len(layers) > 8 else "")
+        raise ValueError(
+            f"the model is quantized (torch.ao int8 modules: {shown}) and cannot be "
+            "trained; finetune (or distill into) the float model before the quantize stage, "
+            "then quantize again")
 
 
 def _last(history: list[dict[str, float]]) -> dict[str, float]:
