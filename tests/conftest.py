@@ -16,6 +16,14 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread() -> None:
+    """Every test on one torch thread, whatever OMP_NUM_THREADS the caller set."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture
 def store(tmp_path: Path) -> str:
     """A fresh sqlite tracking URI inside the test's folder (never the working folder's)."""

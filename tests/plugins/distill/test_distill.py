@@ -12,7 +12,6 @@ the distilled student wins by 3.3 to 9.7 points (mean 7.4); seed 0, used here: 0
 from __future__ import annotations
 
 import pytest
-import torch
 
 from compressflow_metrics import accuracy
 from tests.conftest import write_pipeline
@@ -32,14 +31,6 @@ STAGES = [
     {"name": "distilled", "distill": {"teacher": "teacher", "student": STUDENT, **STUDENT_TRAINING,
                                       "temperature": 4, "alpha": 0.9}, "data": LITTLE_DATA},
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def pipeline_file(folder, stages=STAGES):

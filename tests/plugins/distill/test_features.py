@@ -26,15 +26,6 @@ STUDENT = {"source": "zoo:mlp", "args": {"in_features": 64, "hidden": [16], "num
 FAST = {"measure": {"latency": False}}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one torch thread is faster, and much faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     """teacher -> distill/features (student layers.1 <- teacher layers.3: 16 -> 64 wide)."""

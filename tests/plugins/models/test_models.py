@@ -20,15 +20,6 @@ QUIET = {"tracking": {"log_models": False}, "measure": {"latency": False}}
 NO_OP = [{"name": "noop", "finetune": {"epochs": 0}}]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models train faster on one thread, and do not stall on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def models_store(tmp_path_factory) -> str:
     """One sqlite store for this module's pipelines (each runs under its own experiment)."""

@@ -22,14 +22,6 @@ DEAD_PIXEL = 0  # the top-left pixel of every digit is blank: after standardizat
 CENTRE_PIXEL = 36
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def mean_loss(model: nn.Module, batches) -> float:
     with torch.no_grad():
         return sum(float(F.cross_entropy(model(x), y, reduction="sum")) for x, y in batches) / sum(

@@ -23,14 +23,6 @@ from tests.plugins.prune.helpers import linear_weights, run_stage, sparsity, tra
 STAGES = [MagnitudePrune, TaylorPrune, OBDPrune, LeastSquaresPrune]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("stage_class", STAGES, ids=lambda s: s.method)
 @pytest.mark.parametrize("pattern, n, m", [("2:4", 2, 4), ("4:8", 4, 8), ("1:4", 1, 4)])
 def test_n_m_masks_are_exact(stage_class, pattern, n, m):

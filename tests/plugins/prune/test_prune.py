@@ -22,14 +22,6 @@ def prune_store(tmp_path_factory) -> str:
     return f"sqlite:///{tmp_path_factory.mktemp('prune-store') / 'mlflow.db'}"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def prune(folder: Path, uri: str, name: str, params: dict, model: dict = MLP):
     """Run input -> prune (randomly initialised weights: every |w| distinct, none zero)."""
     from compressflow.engine import validate

@@ -12,14 +12,6 @@ from tests.conftest import write_pipeline
 from tests.plugins.prune.helpers import linear_weights, run_stage, trained_mlp
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def cubic(final: float, initial: float, t: int, steps: int) -> float:
     return final + (initial - final) * (1 - t / steps) ** 3
 

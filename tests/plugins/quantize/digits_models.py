@@ -9,7 +9,6 @@ import copy
 import functools
 from pathlib import Path
 
-import pytest
 import torch
 from torch import nn
 
@@ -86,13 +85,3 @@ def stage_context(workdir: Path, bundle: DataBundle, logged: dict | None = None)
         model_at=lambda ref: (_ for _ in ()).throw(KeyError(ref)),
         build_model=lambda spec: (_ for _ in ()).throw(NotImplementedError()),
         log_metric=log_metric, progress=lambda step, total, figures: None)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models on a shared 2-core machine: one torch thread is many times faster (no
-    spinning OpenMP workers); restored after the module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -19,14 +19,6 @@ def _dynamic_linear():
     return Linear
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def quantize_store(tmp_path_factory) -> str:
     return f"sqlite:///{tmp_path_factory.mktemp('quantize-store') / 'mlflow.db'}"

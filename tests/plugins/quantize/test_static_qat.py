@@ -21,10 +21,9 @@ from compressflow_quantize.static import (
     reloads,
 )
 from tests.conftest import write_pipeline
-from tests.plugins.quantize.digits_models import (  # noqa: F401  (one_torch_thread: autouse)
+from tests.plugins.quantize.digits_models import (
     digits,
     evaluate,
-    one_torch_thread,
     save_trained,
     stage_context,
     trained,

@@ -22,15 +22,6 @@ from compressflow_train import Finetune
 from tests.conftest import write_pipeline
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one torch thread is faster, and much faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def setting():
     """Digits; a trained 64-64-10 teacher; a copy of it with 70% of each layer's weights zeroed."""

@@ -15,15 +15,6 @@ ARCH = {"source": "zoo:mlp", "args": {"in_features": 64, "hidden": [64], "num_cl
 OTHER = {"source": "zoo:mlp", "args": {"in_features": 64, "hidden": [16, 16], "num_classes": 10}}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models train faster on one thread, and do not stall on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     """zero weights -> train -> prune 90% -> finetune -> finetune without keep_zeros -> train another model."""
