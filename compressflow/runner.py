@@ -374,9 +374,3 @@ class PipelineRunner:
         if self.model_uris.get(final_stage):
             tags["compressflow.final_model_uri"] = self.model_uris[final_stage]
         self.tracker.set_tags(tags)
-
-
-def run_pipeline(plan: Plan, tracking_uri: str | None = None,
-                 experiment: str | None = None) -> PipelineContext:
-    """Run a validated plan; returns its context (results and summary)."""
-    return PipelineRunner(plan, tracking_uri, experiment).run()

@@ -26,6 +26,9 @@ StageRef = Annotated[str, Field(json_schema_extra={REF_MARK: True})]
 
 The engine checks, before anything runs, that it names a stage that runs earlier."""
 
+OptionalStageRef = Annotated[str | None, Field(json_schema_extra={REF_MARK: True})]
+"""A StageRef that may be left out (``StageRef | None`` would drop the mark)."""
+
 
 class StageParams(BaseModel):
     """Base of every stage's settings: unknown keys are errors, values are validated."""

@@ -2,17 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
 from pydantic import Field
 
-from compressflow import ModelSpec, Stage, StageResult, hookimpl
-from compressflow.stage import REF_MARK
+from compressflow import ModelSpec, OptionalStageRef, Stage, StageResult, hookimpl
 from compressflow.training import TrainParams, fit
-
-OptionalStageRef = Annotated[str | None, Field(json_schema_extra={REF_MARK: True})]
-"""A StageRef that may be left out. ``StageRef | None`` loses the mark inside the union, and
-the engine would then not check the name before the run: the mark must sit on the field."""
 
 
 class Train(Stage):
