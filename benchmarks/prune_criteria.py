@@ -26,9 +26,7 @@ import argparse
 import copy
 import statistics
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
@@ -51,11 +49,7 @@ def context(bundle, seed: int) -> StageContext:
         loader = loader if loader is not None else bundle.val
         return {"accuracy": accuracy(model, loader), "loss": loss(model, loader)}
 
-    return StageContext(
-        name="bench", seed=seed, workdir=Path(tempfile.mkdtemp(prefix="prune-bench-")),
-        metric="accuracy", data=lambda: bundle, evaluate=evaluate, model_at=lambda ref: None,
-        build_model=lambda spec: None, log_metric=lambda *a: None, progress=lambda *a: None,
-    )
+    return StageContext.detached(bundle, evaluate, seed=seed, name="bench")
 
 
 def train_baseline(bundle, seed: int, args) -> MLP:

@@ -27,10 +27,8 @@ import argparse
 import copy
 import statistics
 import sys
-import tempfile
 import textwrap
 import time
-from pathlib import Path
 
 import torch
 
@@ -54,11 +52,7 @@ def context(bundle, seed: int) -> StageContext:
         loader = loader if loader is not None else bundle.val
         return {"accuracy": accuracy(model, loader), "loss": loss(model, loader)}
 
-    return StageContext(
-        name="bench", seed=seed, workdir=Path(tempfile.gettempdir()), metric="accuracy",
-        data=lambda: bundle, evaluate=evaluate, model_at=lambda ref: None,
-        build_model=lambda spec: None, log_metric=lambda *a: None, progress=lambda *a: None,
-    )
+    return StageContext.detached(bundle, evaluate, seed=seed, name="bench")
 
 
 def latency_ratios(base, small, bundle, rounds: int = 7) -> tuple[float, float, float, float]:

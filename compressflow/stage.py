@@ -166,6 +166,23 @@ class StageContext:
         self._build_model, self._log_metric, self._progress = build_model, log_metric, progress
         self._log_metrics = log_metrics
 
+    @classmethod
+    def detached(cls, data: DataBundle,
+                 evaluate: Callable[[nn.Module, DataLoader | None], dict[str, float]], *,
+                 seed: int = 0, workdir: Path | None = None, metric: str = "accuracy",
+                 name: str = "detached") -> StageContext:
+        """A context outside any pipeline (a benchmark, a script): fixed data, no other
+        models to ask for, nothing logged."""
+        import tempfile
+
+        def no_other_models(ref: str) -> nn.Module:
+            raise LookupError(f"a detached context has no model '{ref}'")
+
+        return cls(name=name, seed=seed, workdir=workdir or Path(tempfile.mkdtemp(prefix=f"{name}-")),
+                   metric=metric, data=lambda: data, evaluate=evaluate, model_at=no_other_models,
+                   build_model=no_other_models, log_metric=lambda *_: None,
+                   progress=lambda *_: None)
+
     @property
     def data(self) -> DataBundle:
         """Train, validation and calibration loaders (the stage's ``data:`` applied)."""

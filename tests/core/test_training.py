@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from compressflow.stage import DataSpec, StageContext
@@ -49,3 +50,13 @@ def test_custom_loss_is_used():
     fit(model, bundle, TrainParams(epochs=1), _ctx(bundle, []),
         loss_fn=lambda outputs, targets, inputs: (outputs * 0).sum())
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_detached_context_trains_outside_a_pipeline():
+    bundle = digits(DataSpec(dataset="digits"), 0, None)
+    ctx = StageContext.detached(bundle, lambda model, loader=None: {"accuracy": accuracy(model.eval(), bundle.val)})
+    assert ctx.data is bundle and ctx.workdir.is_dir()
+    history = fit(MLP(hidden=[32]), bundle, TrainParams(epochs=2, lr=0.01), ctx)
+    assert history[-1]["val_accuracy"] > 0.8
+    with pytest.raises(LookupError, match="no model 'previous'"):
+        ctx.model_at("previous")
