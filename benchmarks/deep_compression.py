@@ -15,13 +15,18 @@ parts of it switched off, to show what each step of the paper buys:
     (+Huffman, fp32 biases) the same model and file, biases stored fp32: what fp16 biases save
 
 Bytes, ratio (trained size_bytes / bytes) and accuracy: mean +- std over the seeds, then
-every seed. Every packed file is read back and checked to rebuild its model exactly. The
+every seed. Latency: the packed model (as the pipeline passes it on, rebuilt dense from the
+file) against the trained fp32 model, timed interleaved round by round in one window
+(compressflow.timing) at batch 1 and 64; the speedup is trained ms / packed ms per round, its
+median and IQR over the rounds of every seed: what the smaller file buys in speed on torch's
+dense CPU kernels. Every packed file is read back and checked to rebuild its model exactly. The
 paper's LeNet-300-100: 1070 KB -> 27 KB, 40x, error 1.64% -> 1.58%.
 
     .venv/bin/python benchmarks/deep_compression.py              # seeds 0-4
     .venv/bin/python benchmarks/deep_compression.py --seeds 3 --set stages.1.prune.steps=8
 
-Never asserts (on time or anything else); timings are printed for information only.
+Never asserts (on time or anything else); timings are printed for information only (the
+time per seed is the wall clock of one whole pipeline run, training included).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import statistics
 import sys
 import tempfile
 import time
+from itertools import chain
 from pathlib import Path
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -39,6 +45,32 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 REPO = Path(__file__).resolve().parent.parent
 PIPELINE = REPO / "pipelines" / "deep-compression-digits.yaml"
 STAGES = {"trained": "trained", "pruned": "finetuned", "shared": "shared", "packed": "packed"}
+# batch -> (timed rounds, calls per timing): the MLP takes tens of microseconds a call
+LATENCY = {1: (100, 10), 64: (100, 2)}
+
+
+def digits_batch(batch: int):
+    """``batch`` standardized digits images, flat (64 features), as the MLP takes them."""
+    import torch
+    from sklearn.datasets import load_digits
+
+    features = load_digits().data
+    features = (features - features.mean(0)) / features.std(0).clip(1e-6)
+    return torch.tensor(features[:batch], dtype=torch.float32)
+
+
+def packed_latency(trained, packed) -> dict[str, list[float]]:
+    """Per-round trained ms / packed ms, and each model's ms, at batch 1 and 64."""
+    from compressflow.timing import time_models
+
+    figures: dict[str, list[float]] = {}
+    for batch, (rounds, number) in LATENCY.items():
+        timings = time_models({"trained": trained, "packed": packed}, digits_batch(batch),
+                              rounds=rounds, number=number, warmup=5, threads=None)
+        figures[f"speedup_b{batch}"] = timings.ratios("trained", "packed")
+        figures[f"trained_ms_b{batch}"] = timings.samples["trained"]
+        figures[f"packed_ms_b{batch}"] = timings.samples["packed"]
+    return figures
 
 
 def run_seed(pipeline: Path, seed: int, overrides: list[str], folder: Path) -> dict[str, dict]:
@@ -86,7 +118,31 @@ def run_seed(pipeline: Path, seed: int, overrides: list[str], folder: Path) -> d
                                                     "fp32-biases"), "accuracy": accuracy["packed"]},
         # what rounding the biases to fp16 values did to the accuracy, in the kmeans stage
         "_bias_fp16_delta": results["shared"].metrics.get("bias_fp16_accuracy_delta", 0.0),
+        "_latency": packed_latency(models[STAGES["trained"]], models[STAGES["packed"]]),
+        "_nonzero": results["packed"].metrics["params_nonzero"],
     }
+
+
+def run_seeds(pipeline: Path, seeds: int, overrides: list[str]) -> tuple[list[dict], list[float]]:
+    """:func:`run_seed` for seeds 0..seeds-1, each in its own temporary folder and store;
+    returns each seed's rows and wall time, printing a line a seed."""
+    per_seed, timings = [], []
+    for seed in range(seeds):
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="deep-compression-") as folder:
+            here = Path.cwd()
+            os.chdir(folder)  # MLflow's ./mlruns artifact folder goes with the temporary store
+            try:
+                per_seed.append(run_seed(pipeline, seed, overrides, Path(folder)))
+            finally:
+                os.chdir(here)
+        timings.append(time.perf_counter() - start)
+        row = per_seed[-1]
+        print(f"{pipeline.stem} seed {seed}: {row['+Huffman']['bytes']:,} bytes, "
+              f"{row['trained fp32']['bytes'] / row['+Huffman']['bytes']:.1f}x, accuracy "
+              f"{row['trained fp32']['accuracy']:.4f} -> {row['+Huffman']['accuracy']:.4f} "
+              f"({timings[-1]:.0f} s)", flush=True)
+    return per_seed, timings
 
 
 def mean_std(values: list[float], fmt: str) -> str:
@@ -108,22 +164,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(REPO))
-    per_seed, timings = [], []
-    for seed in range(args.seeds):
-        start = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix="deep-compression-") as folder:
-            here = Path.cwd()
-            os.chdir(folder)  # MLflow's ./mlruns artifact folder goes with the temporary store
-            try:
-                per_seed.append(run_seed(args.pipeline.resolve(), seed, args.overrides, Path(folder)))
-            finally:
-                os.chdir(here)
-        timings.append(time.perf_counter() - start)
-        row = per_seed[-1]
-        print(f"seed {seed}: {row['+Huffman']['bytes']:,} bytes, "
-              f"{row['trained fp32']['bytes'] / row['+Huffman']['bytes']:.1f}x, accuracy "
-              f"{row['trained fp32']['accuracy']:.4f} -> {row['+Huffman']['accuracy']:.4f} "
-              f"({timings[-1]:.0f} s)", flush=True)
+    per_seed, timings = run_seeds(args.pipeline.resolve(), args.seeds, args.overrides)
 
     rows = [name for name in per_seed[0] if not name.startswith("_")]
     print(f"\n{args.pipeline.name}, {args.seeds} seeds (mean +- std)\n")
@@ -150,6 +191,18 @@ def main() -> None:
     bias = [100 * s["_bias_fp16_delta"] for s in per_seed]
     print(f"fp16 biases (kmeans stage, bias_fp16): accuracy change {mean_std(bias, '+.2f')} pt "
           f"(per seed: {', '.join(f'{b:+.2f}' for b in bias)})")
+    from compressflow.timing import Spread
+
+    def pooled(key: str) -> Spread:
+        return Spread.of(list(chain.from_iterable(s["_latency"][key] for s in per_seed)))
+
+    for batch in LATENCY:
+        speedup = pooled(f"speedup_b{batch}")
+        print(f"latency b{batch}, packed vs trained fp32 (timed interleaved, {args.threads} "
+              f"thread(s)): {speedup.median:.2f}x (IQR {speedup.q1:.2f}-{speedup.q3:.2f}); "
+              f"trained {pooled(f'trained_ms_b{batch}').median:.4f} ms, packed "
+              f"{pooled(f'packed_ms_b{batch}').median:.4f} ms (medians over the rounds of "
+              "every seed; the packed model is rebuilt as dense fp32 layers)")
     print(f"time per seed: {statistics.mean(timings):.0f} s (information only)")
 
 

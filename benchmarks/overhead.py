@@ -37,7 +37,8 @@ VARIANTS = {  # name -> overrides (None: the plain script)
     "cf latency=false": ["measure={latency: false}"],
 }
 TRACKED = ("log_metric", "log_metrics", "log_model", "log_text", "log_file", "set_tags",
-           "start_pipeline", "start_stage", "end_stage", "end_pipeline", "find_stage")
+           "start_pipeline", "start_stage", "end_stage", "end_pipeline", "find_stage",
+           "log_dataset")
 
 
 def plain_work() -> dict[str, float]:
@@ -138,7 +139,7 @@ def _timed(owner, name: str, parts: dict[str, float], label: str) -> None:
 
 def compressflow_work(overrides: list[str], uri: str, parts: dict[str, float]) -> dict[str, float]:
     """validate + PipelineRunner.run with leaf costs timed into ``parts``; stage accuracies."""
-    from compressflow import engine, runner, tracking
+    from compressflow import engine, measuring, runner, summary, tracking
 
     init = tracking.Tracker.__init__
 
@@ -153,10 +154,10 @@ def compressflow_work(overrides: list[str], uri: str, parts: dict[str, float]) -
     tracking.Tracker.__init__ = tracker_init
     for name in TRACKED:  # every call of these is an MLflow round trip
         _timed(tracking.Tracker, name, parts, f"mlflow: Tracker.{name}")
-    _timed(runner, "measure_model", parts, "measure (size, MACs, latency)")
-    _timed(runner.PipelineRunner, "evaluate", parts, "evaluate (after every stage and epoch)")
+    _timed(measuring.Measurer, "figures", parts, "measure (size, MACs, latency)")
+    _timed(measuring.Evaluator, "__call__", parts, "evaluate (after every stage and epoch)")
     _timed(runner, "git_commit", parts, "git rev-parse")
-    _timed(runner, "stage_chart", parts, "summary chart (matplotlib)")
+    _timed(summary, "stage_chart", parts, "summary chart (matplotlib)")
     start = time.perf_counter()
     plan = engine.validate(PIPELINE, overrides)
     parts["validate + load plugins"] = time.perf_counter() - start

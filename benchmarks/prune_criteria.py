@@ -33,7 +33,7 @@ import torch
 from compressflow import DataSpec, StageContext
 from compressflow.training import TrainParams, fit
 from compressflow_data.loaders import load_digits_bundle
-from compressflow_metrics import accuracy, loss
+from compressflow_tasks import accuracy, loss
 from compressflow_models.zoo import MLP
 from compressflow_prune import LeastSquaresPrune, MagnitudePrune, OBDPrune, TaylorPrune
 

@@ -13,8 +13,11 @@ widths, and lamp ranks exactly like magnitude: it only differs with --global-pru
 
 Columns: accuracy right after pruning (no finetune), after finetune (mean, min-max over
 seeds), MACs ratio (baseline / pruned, counted by compressflow.measure), latency ratios at
-batch 1 and 64 (baseline median / pruned median, compressflow.measure.latency_ms, 1 thread).
-Timings are measured, never asserted; on a loaded machine they are noisy.
+batch 1 and 64: baseline and pruned timed interleaved, round by round, in one window
+(compressflow.timing, 1 thread), the ratio baseline ms / pruned ms taken per round; the median
+and IQR over the rounds of every seed. The baseline row times the baseline against an
+unchanged copy of itself: its ratio is the noise floor (1.00x, and how wide an IQR noise
+alone gives). Timings are measured, never asserted.
 
     .venv/bin/python benchmarks/structured.py                 # 3 seeds, ratio 0.5
     .venv/bin/python benchmarks/structured.py --seeds 5 --ratio 0.3 --global-pruning
@@ -29,19 +32,22 @@ import statistics
 import sys
 import textwrap
 import time
+from itertools import chain
 
 import torch
 
 from compressflow import DataSpec, StageContext
-from compressflow.measure import count_macs, latency_ms
+from compressflow.measure import count_macs
+from compressflow.timing import Spread, time_models
 from compressflow.training import TrainParams, fit
 from compressflow_data.loaders import load_digits_bundle
-from compressflow_metrics import accuracy, loss
+from compressflow_tasks import accuracy, loss
 from compressflow_models.zoo import ResNet
 from compressflow_structured.depgraph import structured_prune
 
 CRITERIA = ["magnitude", "lamp", "taylor", "hessian", "random"]
 SCRATCH = "same small arch, from scratch"
+ROUNDS_B1, ROUNDS_B64 = 150, 50  # timed rounds per window, each model once a round
 
 
 def context(bundle, seed: int) -> StageContext:
@@ -55,26 +61,21 @@ def context(bundle, seed: int) -> StageContext:
     return StageContext.detached(bundle, evaluate, seed=seed, name="bench")
 
 
-def latency_ratios(base, small, bundle, rounds: int = 7) -> tuple[float, float, float, float]:
-    """Baseline / pruned latency at batch 1 and 64, and the pruned model's ms at both.
+def latency_ratios(base, small, bundle) -> dict[str, list[float]]:
+    """Per-round baseline / pruned latency ratios at batch 1 and 64, and the pruned ms.
 
-    Both models are timed as the engine times them (compressflow.measure.latency_ms: median
-    after warm-up, 1 thread), alternating in ``rounds`` rounds so that drift and other load hit
-    both alike; each figure is the median over rounds.
+    Both models are timed interleaved in one window per batch size
+    (compressflow.timing.time_models: round by round, the order alternating, 1 thread), so
+    that drift and other load hit both alike; every round's figures are kept, to be pooled
+    over seeds.
     """
-    b1, b64 = bundle.example_input(1), bundle.example_input(64)
-    r1, r64, ms1, ms64 = [], [], [], []
-    for _ in range(rounds):
-        base1 = latency_ms(base, b1, threads=1, warmup=5, repeats=30)
-        small1 = latency_ms(small, b1, threads=1, warmup=5, repeats=30)
-        base64 = latency_ms(base, b64, threads=1, warmup=2, repeats=8)
-        small64 = latency_ms(small, b64, threads=1, warmup=2, repeats=8)
-        r1.append(base1 / small1)
-        r64.append(base64 / small64)
-        ms1.append(small1)
-        ms64.append(small64)
-    median = statistics.median
-    return median(r1), median(r64), median(ms1), median(ms64)
+    figures: dict[str, list[float]] = {}
+    for batch, rounds in ((1, ROUNDS_B1), (64, ROUNDS_B64)):
+        timings = time_models({"baseline": base, "pruned": small}, bundle.example_input(batch),
+                              rounds=rounds, warmup=5, threads=1)
+        figures[f"b{batch}"] = timings.ratios("baseline", "pruned")
+        figures[f"ms{batch}"] = timings.samples["pruned"]
+    return figures
 
 
 def train_baseline(bundle, seed: int, args):
@@ -99,11 +100,10 @@ def run_seed(seed: int, args) -> dict[str, dict[str, float]]:
     base_acc = accuracy(baseline.eval(), bundle.val)
     base_macs = count_macs(baseline, bundle.example_input(1))
     finetune = TrainParams(epochs=args.finetune_epochs, lr=args.finetune_lr, schedule="cosine")
-    b1 = latency_ms(baseline, bundle.example_input(1), threads=1, warmup=5, repeats=100)
-    b64 = latency_ms(baseline, bundle.example_input(64), threads=1, warmup=2, repeats=30)
-    rows: dict[str, dict[str, float]] = {"baseline": {
-        "pruned": base_acc, "finetuned": base_acc, "macs": 1.0, "b1": 1.0, "b64": 1.0,
-        "ms1": b1, "ms64": b64, "prune_s": 0.0}}
+    # the noise floor: the baseline against an unchanged copy of itself
+    rows: dict[str, dict] = {"baseline": {
+        "pruned": base_acc, "finetuned": base_acc, "macs": 1.0, "prune_s": 0.0,
+        **latency_ratios(baseline, copy.deepcopy(baseline), bundle)}}
     small = None
     for criterion in CRITERIA:
         model = copy.deepcopy(baseline)
@@ -115,10 +115,9 @@ def run_seed(seed: int, args) -> dict[str, dict[str, float]]:
         pruned_acc = accuracy(model.eval(), bundle.val)
         bundle.train.generator.set_state(after_baseline)  # every finetune sees the same batches
         fit(model, bundle, finetune, context(bundle, seed + 3))
-        b1, b64, ms1, ms64 = latency_ratios(baseline, model, bundle)
         rows[criterion] = {"pruned": pruned_acc, "finetuned": accuracy(model.eval(), bundle.val),
                            "macs": base_macs / count_macs(model, bundle.example_input(1)),
-                           "b1": b1, "b64": b64, "ms1": ms1, "ms64": ms64, "prune_s": prune_s}
+                           "prune_s": prune_s, **latency_ratios(baseline, model, bundle)}
         if small is None:
             small = copy.deepcopy(model)
     # the magnitude-pruned widths (with local pruning every criterion gives the same widths)
@@ -129,11 +128,21 @@ def run_seed(seed: int, args) -> dict[str, dict[str, float]]:
     bundle.train.generator.set_state(before_baseline)
     scratch = TrainParams(epochs=args.epochs + args.finetune_epochs, lr=args.lr, schedule="cosine")
     fit(small, bundle, scratch, context(bundle, seed + 1))
-    b1, b64, ms1, ms64 = latency_ratios(baseline, small, bundle)
     rows[SCRATCH] = {"pruned": float("nan"), "finetuned": accuracy(small.eval(), bundle.val),
                      "macs": base_macs / count_macs(small, bundle.example_input(1)),
-                     "b1": b1, "b64": b64, "ms1": ms1, "ms64": ms64}
+                     **latency_ratios(baseline, small, bundle)}
     return rows
+
+
+def pooled(rows: list[dict], key: str) -> Spread:
+    """Median and quartiles of ``key``'s per-round figures, over the rounds of every seed."""
+    return Spread.of(list(chain.from_iterable(r[key] for r in rows)))
+
+
+def ratio(rows: list[dict], key: str) -> str:
+    """A pooled per-round ratio: median x (q1-q3)."""
+    s = pooled(rows, key)
+    return f"{s.median:.2f}x ({s.q1:.2f}-{s.q3:.2f})"
 
 
 def spread(values: list[float], scale: float = 100.0) -> str:
@@ -174,7 +183,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{args.seeds} seeds; baseline {args.epochs} epochs, finetune {args.finetune_epochs}; "
           "accuracy in %, mean (min-max)\n")
     header = ["criterion", "after prune", "after finetune", "drop vs baseline (pt)",
-              "MACs ratio", "latency ratio b1", "latency ratio b64", "ms b1 / b64", "prune s"]
+              "MACs ratio", "latency ratio b1 (IQR)", "latency ratio b64 (IQR)", "ms b1 / b64",
+              "prune s"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for name in names:
@@ -186,15 +196,17 @@ def main(argv: list[str] | None = None) -> None:
             spread([r["finetuned"] for r in rows]),
             spread(drops) if name != "baseline" else "-",
             f"{statistics.mean(r['macs'] for r in rows):.2f}x",
-            f"{statistics.median(r['b1'] for r in rows):.2f}x",
-            f"{statistics.median(r['b64'] for r in rows):.2f}x",
-            f"{statistics.median(r['ms1'] for r in rows):.3f} / "
-            f"{statistics.median(r['ms64'] for r in rows):.2f}",
+            ratio(rows, "b1"),
+            ratio(rows, "b64"),
+            f"{pooled(rows, 'ms1').median:.3f} / {pooled(rows, 'ms64').median:.2f}",
             f"{statistics.mean(r['prune_s'] for r in rows):.1f}" if name != SCRATCH else "-",
         ]) + " |")
     print(f"\n({time.perf_counter() - started:.0f} s in all; latency: baseline and pruned timed "
-          "alternately, 7 rounds, 1 thread; ratios and ms are medians over rounds, then seeds; "
-          "drop > 0 means worse than the baseline)")
+          f"interleaved in one window, {ROUNDS_B1} rounds at b1 and {ROUNDS_B64} at b64 per seed, "
+          "1 thread; a ratio is baseline ms / pruned ms in the same round, shown as the median "
+          "(q1-q3) over the rounds of every seed; ms: the model's median over the same rounds; "
+          "the baseline row is the baseline against an unchanged copy of itself, the noise "
+          "floor; drop > 0 means worse than the baseline)")
     print(conclusion(per_seed))
 
 

@@ -4,6 +4,7 @@ What a plugin author imports lives here; the contract itself is :mod:`compressfl
 Importing this package imports neither torch nor mlflow.
 """
 
+from compressflow.data import DataContext, DataInfo, DataPath, Dataset, DatasetParams
 from compressflow.errors import CompressflowError, ConfigError, PluginError, StageFailed
 from compressflow.hookspecs import hookimpl
 from compressflow.stage import (
@@ -20,6 +21,7 @@ from compressflow.stage import (
     StageRef,
     StageResult,
 )
+from compressflow.task import Task, TaskMetric, TaskParams
 
 __version__ = "0.1.0"
 
@@ -27,6 +29,11 @@ __all__ = [
     "CompressflowError",
     "ConfigError",
     "DataBundle",
+    "DataContext",
+    "DataInfo",
+    "DataPath",
+    "Dataset",
+    "DatasetParams",
     "DataSpec",
     "ModelSource",
     "ModelSpec",
@@ -40,6 +47,9 @@ __all__ = [
     "StageParams",
     "StageRef",
     "StageResult",
+    "Task",
+    "TaskMetric",
+    "TaskParams",
     "hookimpl",
     "__version__",
 ]

@@ -12,6 +12,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from compressflow.gates import size_of
+from compressflow.tracking import Tag
+
 COSTS = ("size_bytes", "latency_ms_b1", "macs")
 
 
@@ -39,44 +42,38 @@ class Row:
 def cost_of(figures: dict[str, float], by: str) -> float | None:
     """The cost figure; for size, the packed file where the pipeline wrote one."""
     if by == "size_bytes":
-        return figures.get("compressed_bytes") or figures.get("size_bytes")
+        return size_of(figures) if "size_bytes" in figures else None
     return figures.get(by)
 
 
 def load_rows(uri: str, experiment: str, metric: str = "accuracy", by: str = "size_bytes",
               sweep_id: str | None = None) -> list[Row]:
     """Every pipeline (parent) run of ``experiment``, oldest first; a sweep's alone if given."""
-    from mlflow.tracking import MlflowClient
-
     from compressflow.errors import ConfigError
-    from compressflow.tracking import quiet_mlflow_logs, store_exists
+    from compressflow.tracking import experiment_names, experiment_runs
 
-    if not store_exists(uri):
-        raise ConfigError(f"no store at {uri}", "run a pipeline first, or pass --tracking-uri")
-    quiet_mlflow_logs()
-    client = MlflowClient(uri)
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        names = [e.name for e in client.search_experiments()]
+    runs = experiment_runs(uri, experiment, order_by=["attributes.start_time ASC"])
+    if runs is None:
+        names = experiment_names(uri)
+        if names is None:
+            raise ConfigError(f"no store at {uri}", "run a pipeline first, or pass --tracking-uri")
         raise ConfigError(f"no experiment '{experiment}' in {uri}",
                           f"experiments there: {', '.join(names) or 'none'}; check --tracking-uri")
-    runs = client.search_runs([found.experiment_id], order_by=["attributes.start_time ASC"],
-                              max_results=5000)
     rows = []
     for run in runs:
         tags = run.data.tags
-        if "mlflow.parentRunId" in tags or tags.get("compressflow.kind") == "sweep-summary":
+        if "mlflow.parentRunId" in tags or tags.get(Tag.KIND) == "sweep-summary":
             continue
-        if sweep_id and tags.get("compressflow.sweep_id") != sweep_id:
+        if sweep_id and tags.get(Tag.SWEEP_ID) != sweep_id:
             continue
         figures = dict(run.data.metrics)
         rows.append(Row(
             run_id=run.info.run_id, run_name=run.info.run_name, status=run.info.status,
-            gate=tags.get("compressflow.gate", "passed" if run.info.status == "FINISHED" else "-"),
+            gate=tags.get(Tag.GATE, "passed" if run.info.status == "FINISHED" else "-"),
             metric=figures.get(metric), cost=cost_of(figures, by), figures=figures,
             variant={k.removeprefix("sweep."): v for k, v in run.data.params.items()
                      if k.startswith("sweep.")},
-            model_uri=tags.get("compressflow.final_model_uri"),
+            model_uri=tags.get(Tag.FINAL_MODEL_URI),
         ))
     mark_pareto(rows)
     return rows

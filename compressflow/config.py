@@ -13,32 +13,49 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from compressflow.errors import ConfigError
 from compressflow.stage import MODEL_REFS, DataSpec, ModelSpec
+from compressflow.task import DEFAULT_TASK
 
 STAGE_KEYS = ("name", "data", "gate")
-OPTIONAL_SECTIONS = ("evaluation", "measure", "tracking")
+OPTIONAL_SECTIONS = ("evaluation", "measure", "tracking", "task")
 Path_ = tuple[Any, ...]
 
 
+class TaskSpec(BaseModel):
+    """The pipeline's task (``task: embedding``, or a mapping with ``name`` and its params)."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(DEFAULT_TASK, description="a registered task: classification, regression, ...")
+
+    def params(self) -> dict[str, Any]:
+        """The task's own settings: every key but ``name``."""
+        return dict(self.model_extra or {})
+
+
 class EvaluationSpec(BaseModel):
-    """What is measured on the validation split after every stage."""
+    """What is measured on the evaluated split after every stage: every metric of the task."""
 
     model_config = ConfigDict(extra="forbid")
-    metric: str = Field("accuracy", description="the task metric, by registered name")
-    extra: list[str] = Field(default_factory=lambda: ["loss"], description="also measured")
+    metric: str | None = Field(
+        None, description="the headline metric (gates, summary); default: the task's own")
+    extra: list[str] = Field(default_factory=list, description="registered extra metrics, also measured")
 
 
 class MeasureSpec(BaseModel):
-    """How latency is measured: fixed threads, warm-up, median of repeats."""
+    """How latency is measured: each model interleaved with the input model, round by round."""
 
     model_config = ConfigDict(extra="forbid")
     latency: bool = True
     threads: int = Field(1, ge=1, description="torch threads while timing")
     warmup: int = Field(5, ge=0)
-    repeats: int = Field(30, ge=3)
+    repeats: int = Field(30, ge=3, description="timed rounds at the first batch size")
+    batch_sizes: list[int] = Field(
+        default_factory=lambda: [1, 64], min_length=1, description="latency_ms_b<N> for each")
+    seq_len: int | None = Field(
+        None, ge=1, description="tokens per example input (text); default: as the data gives")
 
 
 class TrackingSpec(BaseModel):
@@ -88,6 +105,7 @@ class PipelineSpec(BaseModel):
     seed: int = 0
     model: ModelSpec
     data: DataSpec
+    task: TaskSpec = Field(default_factory=TaskSpec, description="default: classification")
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     measure: MeasureSpec = Field(default_factory=MeasureSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
@@ -96,6 +114,11 @@ class PipelineSpec(BaseModel):
         None, description="--set paths to lists of values; mode: product (default) or zip")
     registration: RegisterSpec | None = Field(None, alias="register")
     select: SelectSpec | None = None
+
+    @field_validator("task", mode="before")
+    @classmethod
+    def _task_by_name(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
 
 
 @dataclass

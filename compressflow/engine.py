@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -18,7 +19,9 @@ from compressflow.config import PipelineFile, StageEntry, config_error, load_pip
 from compressflow.errors import ConfigError
 from compressflow.plugins import Plugins, load_plugins
 from compressflow.registry import Provider, nearest
+from compressflow.data import DataContext, Dataset
 from compressflow.stage import MODEL_REFS, DataSpec, ModelSpec, SourceContext, Stage
+from compressflow.task import Task
 
 
 @dataclass
@@ -41,6 +44,15 @@ class Plan:
     plugins: Plugins
     stages: list[PlannedStage]
     input_key: str = ""
+    task: Task | None = None
+    data_params: dict[str, Any] = field(default_factory=dict)
+    """Each distinct data spec's validated dataset params, by :func:`data_key`."""
+
+    def higher_is_better(self, metric: str) -> bool:
+        """Which way ``metric`` (a task metric or a registered extra one) is better."""
+        if metric in self.task.metrics:
+            return self.task.metrics[metric].higher_is_better
+        return self.plugins.metrics.get(metric).higher_is_better
 
     @property
     def spec(self):
@@ -54,13 +66,18 @@ def validate(path: str | Path, overrides: list[str] = (), plugins: Plugins | Non
     plugins = plugins or load_plugins()
     spec = loaded.spec
     check_model_spec(spec.model, loaded, ("model",), plugins)
-    plugins.datasets.get(spec.data.dataset, loaded.place(("data", "dataset")))
-    for metric in [spec.evaluation.metric, *spec.evaluation.extra]:
-        plugins.metrics.get(metric, loaded.place(("evaluation",)))
+    task = _task(loaded, plugins)
+    _check_metrics(loaded, plugins, task)
+    data_params = {data_key(spec.data): check_data(spec.data, loaded, ("data",), plugins, task)}
     planned: list[PlannedStage] = []
     for entry in loaded.stages:
-        planned.append(_plan_stage(entry, loaded, plugins, [p.entry.name for p in planned]))
+        stage = _plan_stage(entry, loaded, plugins, [p.entry.name for p in planned], task)
+        if data_key(stage.data) not in data_params:
+            data_params[data_key(stage.data)] = check_data(
+                stage.data, loaded, ("stages", entry.index, "data"), plugins, task)
+        planned.append(stage)
     input_key = _digest({"model": spec.model.model_dump(mode="json"), "seed": spec.seed,
+                         "task": spec.task.model_dump(mode="json"),
                          "data": spec.data.model_dump(mode="json"),
                          "evaluation": spec.evaluation.model_dump(mode="json"),
                          "measure": spec.measure.model_dump(mode="json"),
@@ -68,7 +85,70 @@ def validate(path: str | Path, overrides: list[str] = (), plugins: Plugins | Non
     previous = input_key
     for stage in planned:
         stage.key = previous = stage_key(previous, stage)
-    return Plan(loaded, plugins, planned, input_key)
+    return Plan(loaded, plugins, planned, input_key, task, data_params)
+
+
+def data_key(data: DataSpec) -> str:
+    """Identifies a data spec: stages with equal keys share one bundle."""
+    return data.model_dump_json()
+
+
+def _task(loaded: PipelineFile, plugins: Plugins) -> Task:
+    task_class = plugins.tasks.get(loaded.spec.task.name, loaded.place(("task",)))
+    try:
+        params = task_class.Params.model_validate(loaded.spec.task.params())
+    except ValidationError as error:
+        raise config_error(error, loaded, ("task",), f"task '{task_class.name}'") from None
+    return task_class(params)
+
+
+def _check_metrics(loaded: PipelineFile, plugins: Plugins, task: Task) -> None:
+    """The headline and extra metrics exist and fit the task; the headline defaults to the task's."""
+    evaluation = loaded.spec.evaluation
+    if evaluation.metric is None:
+        evaluation.metric = task.default_metric
+    for loc, metric in [(("evaluation", "metric"), evaluation.metric),
+                        *((("evaluation", "extra", i), m) for i, m in enumerate(evaluation.extra))]:
+        if metric in task.metrics:
+            continue
+        place = loaded.place(loc)
+        if metric not in plugins.metrics:
+            known = [*task.metrics, *(n for n in plugins.metrics.names()
+                                      if plugins.metrics.get(n).fits(task.name))]
+            raise ConfigError(
+                f"{place}: unknown metric '{metric}' for task '{task.name}'{nearest(metric, known)}",
+                f"metrics that fit task '{task.name}': {', '.join(known)}")
+        entry = plugins.metrics.get(metric)
+        if not entry.fits(task.name):
+            raise ConfigError(
+                f"{place}: metric '{metric}' does not fit task '{task.name}' (it judges "
+                f"{', '.join(entry.tasks)} models)",
+                f"task '{task.name}' measures {', '.join(task.metrics)}; set `task:` or pick one of those")
+
+
+def check_data(data: DataSpec, loaded: PipelineFile, loc: tuple, plugins: Plugins,
+               task: Task) -> Any:
+    """The dataset exists, serves the task, and its params (``data.args``) validate.
+
+    Returns the validated params (None for a legacy factory, whose args stay unchecked).
+    """
+    dataset = plugins.datasets.get(data.dataset, loaded.place(loc + ("dataset",)))
+    if not isinstance(dataset, Dataset):
+        return None
+    what = f"dataset '{data.dataset}'"
+    if dataset.tasks is not None and task.name not in dataset.tasks:
+        raise ConfigError(
+            f"{loaded.place(loc + ('dataset',))}: {what} serves task(s) "
+            f"{', '.join(dataset.tasks)}, not '{task.name}'",
+            "pick a dataset made for this task, or set `task:` to one it serves")
+    base_dir = loaded.path.resolve().parent
+    try:
+        params = dataset.Params.model_validate(data.args, context={"base_dir": base_dir})
+    except ValidationError as error:
+        raise config_error(error, loaded, loc + ("args",), what) from None
+    dataset.check(params, DataContext(data, loaded.spec.seed, base_dir,
+                                      loaded.place(loc + ("args",)), task.name))
+    return params
 
 
 def _digest(document: dict) -> str:
@@ -90,7 +170,7 @@ def stage_key(input_key: str, planned: PlannedStage) -> str:
 
 
 def _plan_stage(entry: StageEntry, loaded: PipelineFile, plugins: Plugins,
-                earlier: list[str]) -> PlannedStage:
+                earlier: list[str], task: Task) -> PlannedStage:
     loc = ("stages", entry.index)
     place = f"{loaded.place(loc + (entry.kind,))}: stage '{entry.name}'"
     try:
@@ -102,6 +182,11 @@ def _plan_stage(entry: StageEntry, loaded: PipelineFile, plugins: Plugins,
         raise
     provider = plugins.stages.providers[(stage_class.kind, stage_class.method)]
     what = f"stage '{entry.name}' ({stage_class.kind}/{stage_class.method})"
+    if stage_class.tasks is not None and task.name not in stage_class.tasks:
+        raise ConfigError(
+            f"{place}: {stage_class.kind}/{stage_class.method} serves task(s) "
+            f"{', '.join(stage_class.tasks)}, not '{task.name}'",
+            f"methods of '{entry.kind}': {', '.join(plugins.stages.methods(entry.kind))}")
     try:
         params = stage_class.Params.model_validate(entry.params)
     except ValidationError as error:
@@ -112,7 +197,6 @@ def _plan_stage(entry: StageEntry, loaded: PipelineFile, plugins: Plugins,
             data = DataSpec.model_validate({**data.model_dump(), **entry.data})
         except ValidationError as error:
             raise config_error(error, loaded, loc + ("data",), f"{what} data") from None
-        plugins.datasets.get(data.dataset, loaded.place(loc + ("data",)))
     for field_name, ref in params.stage_refs().items():
         if ref not in MODEL_REFS and ref not in earlier:
             choices = [*MODEL_REFS, *earlier]

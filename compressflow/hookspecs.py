@@ -1,5 +1,9 @@
 """The plugin contract of compressflow: every hook a plugin may implement.
 
+With the public types these hooks name (importable from ``compressflow``: Stage,
+StageContext, StageResult, Task, Dataset, DataBundle, DataContext, ModelSource), this is all
+a plugin author reads; docs/architecture.md shows how a run uses them.
+
 A plugin is a module (or object) with functions marked ``@hookimpl`` whose names are the
 hooks below, declared in the entry-point group ``compressflow`` of its distribution::
 
@@ -24,6 +28,7 @@ if TYPE_CHECKING:
         MetricRegistry,
         ModelSourceRegistry,
         StageRegistry,
+        TaskRegistry,
     )
     from compressflow.stage import PipelineContext, Stage, StageResult
 
@@ -43,8 +48,16 @@ def register_stages(registry: StageRegistry) -> None:
 
     A stage class (subclass of :class:`compressflow.Stage`) declares ``kind`` (the key a
     pipeline writes: ``prune``), ``method`` (``magnitude``), a pydantic ``Params`` model, and
-    ``run(model, ctx)``. Several plugins may add methods of one kind; one of them may set
-    ``default = True`` to be used when a pipeline names no method.
+    ``run(model, ctx) -> StageResult``. Several plugins may add methods of one kind; one of
+    them may set ``default = True`` to be used when a pipeline names no method. ``tasks``
+    (optional) names the tasks it serves; a pipeline of another task fails validation.
+
+    ``ctx`` is a :class:`compressflow.StageContext`: ``ctx.data`` (a DataBundle),
+    ``ctx.task`` (every model call, loss and metric goes through it: ``ctx.task.split(batch)``,
+    ``ctx.task.predict(model, inputs)``, ``ctx.task.loss(...)``), ``ctx.evaluate(model)``,
+    ``ctx.model_at(ref)``, ``ctx.reference()``, ``ctx.build_model(spec)``, ``ctx.seed``,
+    ``ctx.workdir``, ``ctx.log_metric(name, value, step)``. The result's ``metrics`` may not
+    reuse a name the engine measures; a packed file's size goes in ``packed_bytes``.
 
     :param registry: the stage registrar; ``add`` raises if ``(kind, method)`` is taken.
     """
@@ -65,12 +78,21 @@ def register_model_sources(registry: ModelSourceRegistry) -> None:
 
 @hookspec
 def register_datasets(registry: DatasetRegistry) -> None:
-    """Add datasets: ``registry.add("digits", factory)``.
+    """Add datasets: ``registry.add("csv", CsvDataset)``.
 
-    ``factory(spec, seed, input_shape)`` returns a :class:`compressflow.DataBundle` (train,
-    validation and calibration loaders). ``spec`` is the resolved :class:`DataSpec`;
-    ``input_shape`` is the shape the model declares for one sample (``model.input_shape``),
-    or ``None`` when it declares none.
+    A dataset is a :class:`compressflow.Dataset` subclass with a pydantic ``Params`` model
+    (its settings, written under ``data.args`` and validated with the whole pipeline before
+    anything runs; a :data:`compressflow.DataPath` field resolves from the pipeline file's
+    folder), an optional cheap ``check(params, ctx)`` run during validation, and
+    ``load(params, ctx) -> DataBundle``. ``ctx`` is a :class:`compressflow.DataContext`:
+    the ``data:`` spec (batch size, fractions), seed, the pipeline's folder, the task's name,
+    the input model's ``input_shape`` and the model itself (a tokenizer's owner).
+
+    A :class:`compressflow.DataBundle` holds the ``train``, ``val`` (the evaluated split),
+    ``calibration`` and optional ``holdout`` loaders, and ``info`` for MLflow. Loaders yield
+    ``(inputs, targets)`` pairs (inputs a tensor, tuple or dict of tensors) or dicts of
+    tensors; :mod:`compressflow.task` says how a task reads them. A plain factory
+    ``(spec, seed, input_shape) -> DataBundle`` (the form before params) still registers.
 
     :param registry: the dataset registrar; ``add`` raises if the name is taken.
     """
@@ -78,12 +100,30 @@ def register_datasets(registry: DatasetRegistry) -> None:
 
 @hookspec
 def register_metrics(registry: MetricRegistry) -> None:
-    """Add task metrics: ``registry.add("accuracy", fn, higher_is_better=True)``.
+    """Add extra metrics: ``registry.add("top5", fn, higher_is_better=True, tasks=("classification",))``.
 
-    ``fn(model, loader) -> float`` evaluates a model in eval mode over a loader. The
-    pipeline's ``evaluation.metric`` names one; it is measured after every stage.
+    ``fn(model, loader) -> float`` evaluates a model in eval mode over a loader of the
+    task's batches. A task's own metrics come with the task (:func:`register_tasks`);
+    these are measured beside them when ``evaluation.extra`` names them. ``tasks`` lists
+    the tasks whose batches ``fn`` understands (default: classification; None: any); a
+    pipeline naming a metric that does not fit its task fails validation.
 
     :param registry: the metric registrar; ``add`` raises if the name is taken.
+    """
+
+
+@hookspec
+def register_tasks(registry: TaskRegistry) -> None:
+    """Add tasks: ``registry.add(MyTask)``, a :class:`compressflow.task.Task` subclass.
+
+    A task says how a batch feeds a model (``split``, ``feed``, ``prediction``), what a
+    training stage minimizes (``loss(outputs, targets, reference)``), which metrics it
+    measures (``metrics``: name -> :class:`compressflow.task.TaskMetric` with its
+    direction), and how example inputs for signatures, MACs and latency are built
+    (``examples``). ``uses_reference``: its metrics compare with the pipeline's input model.
+    A pipeline names one with ``task:``; the default is ``classification``.
+
+    :param registry: the task registrar; ``add`` raises if the task's name is taken.
     """
 
 

@@ -6,18 +6,22 @@
 - size_bytes: length of ``torch.save(model.state_dict())``: a sparse but dense-stored model
   is not smaller, and this says so.
 - macs: multiply-accumulates of one sample through Linear and Conv layers (quantized too).
-- latency: median wall time of a forward pass after warm-up, torch threads fixed.
+
+Latency is timed by :mod:`compressflow.timing` (interleaved with the model compared to) and
+put together for a stage by :mod:`compressflow.measuring`; docs/architecture.md lists every
+figure a stage run holds.
 """
 
 from __future__ import annotations
 
 import io
-import statistics
-import time
-from typing import Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from compressflow.task import Task
 
 
 def weight_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -71,8 +75,14 @@ def size_bytes(model: nn.Module) -> int:
     return buffer.tell()
 
 
-def count_macs(model: nn.Module, example: torch.Tensor) -> int:
-    """Multiply-accumulates of one sample through every Linear and Conv layer."""
+def count_macs(model: nn.Module, example: Any, task: Task | None = None) -> int:
+    """Multiply-accumulates of one sample through every Linear and Conv layer.
+
+    ``example`` is a batch of inputs in any form the task feeds (its first sample is used);
+    for token inputs a sample is one sequence of the example's length.
+    """
+    from compressflow.task import call, take
+
     total = 0
 
     def linear_hook(module: nn.Module, _inputs, output) -> None:
@@ -95,63 +105,34 @@ def count_macs(model: nn.Module, example: torch.Tensor) -> int:
             hasattr(module, "kernel_size") and hasattr(module, "in_channels")
         ):
             handles.append(module.register_forward_hook(conv_hook))
+    feed = task.feed if task is not None else call
     try:
         with torch.inference_mode():
-            model.eval()(example[:1])
+            feed(model.eval(), take(example, 0, 1))
     finally:
         for handle in handles:
             handle.remove()
     return total
 
 
-def latency_ms(model: nn.Module, example: torch.Tensor, *, threads: int, warmup: int,
-               repeats: int) -> float:
-    """Median milliseconds of one forward pass on ``example``, after ``warmup`` passes."""
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        model.eval()
-        timings = []
-        with torch.inference_mode():
-            for _ in range(warmup):
-                model(example)
-            for _ in range(repeats):
-                start = time.perf_counter()
-                model(example)
-                timings.append(time.perf_counter() - start)
-        return statistics.median(timings) * 1000.0
-    finally:
-        torch.set_num_threads(previous_threads)
-
-
-def measure_model(model: nn.Module, example_b1: torch.Tensor, example_b64: torch.Tensor, *,
-                  latency: bool = True, threads: int = 1, warmup: int = 5,
-                  repeats: int = 30) -> dict[str, float]:
-    """Every figure of DESIGN §4 that does not need the task: params, size, macs, latency."""
+def static_figures(model: nn.Module, example_b1: Any, task: Task | None = None) -> dict[str, float]:
+    """Params, nonzeros, sparsity, size on disk and MACs: every figure that is not timed."""
     total, nonzero = count_params(model)
-    figures: dict[str, float] = {
+    return {
         "params_total": total,
         "params_nonzero": nonzero,
         "sparsity": 1.0 - nonzero / total if total else 0.0,
         "size_bytes": size_bytes(model),
-        "macs": count_macs(model, example_b1),
+        "macs": count_macs(model, example_b1, task),
     }
-    if latency:
-        timing = dict(threads=threads, warmup=warmup, repeats=repeats)
-        figures["latency_ms_b1"] = latency_ms(model, example_b1, **timing)
-        figures["latency_ms_b64"] = latency_ms(
-            model, example_b64, **{**timing, "repeats": max(3, repeats // 3)}
-        )
-    return figures
 
 
-# ratio name -> the cost figure it divides: input figure / stage figure
+# ratio name -> the cost figure it divides: input figure / stage figure (latency speedups
+# are not here: they are per-round ratios from one interleaved window, see measuring.py)
 RATIOS = {
     "size_ratio": "size_bytes",
     "params_nonzero_ratio": "params_nonzero",
     "macs_ratio": "macs",
-    "latency_b1_speedup": "latency_ms_b1",
-    "latency_b64_speedup": "latency_ms_b64",
 }
 
 

@@ -20,6 +20,7 @@ from compressflow.registry import (
     ModelSourceRegistry,
     Provider,
     StageRegistry,
+    TaskRegistry,
 )
 
 if TYPE_CHECKING:
@@ -57,6 +58,7 @@ class Plugins:
     model_sources: ModelSourceRegistry = field(default_factory=ModelSourceRegistry)
     datasets: DatasetRegistry = field(default_factory=DatasetRegistry)
     metrics: MetricRegistry = field(default_factory=MetricRegistry)
+    tasks: TaskRegistry = field(default_factory=TaskRegistry)
 
     def _register_all(self) -> None:
         """Call each register_* hook plugin by plugin, so entries know their provider."""
@@ -65,6 +67,7 @@ class Plugins:
             ("register_model_sources", self.model_sources),
             ("register_datasets", self.datasets),
             ("register_metrics", self.metrics),
+            ("register_tasks", self.tasks),
         ):
             hook = getattr(self.pm.hook, hook_name)
             for impl in hook.get_hookimpls():  # registration order

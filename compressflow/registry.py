@@ -85,28 +85,71 @@ class ModelSourceRegistry(Registry[Any]):
     what = "model source scheme"
 
 
-class DatasetRegistry(Registry[Callable[..., Any]]):
-    """Dataset factories by name."""
+class DatasetRegistry(Registry[Any]):
+    """Datasets by name: :class:`compressflow.Dataset` subclasses (or instances).
+
+    A plain factory ``(spec, seed, input_shape) -> DataBundle``, the form before datasets
+    declared params, still registers; its ``data.args`` are then not validated.
+    """
 
     what = "dataset"
+
+    def add(self, name: str, value: Any) -> None:
+        """Register a Dataset class (instantiated here), instance or legacy factory."""
+        from compressflow.data import Dataset
+
+        if isinstance(value, type) and issubclass(value, Dataset):
+            value = value()
+        elif not isinstance(value, Dataset) and not callable(value):
+            raise PluginError(
+                f"dataset '{name}' of {self.current_provider} is a {type(value).__name__}, "
+                "not a Dataset subclass", "register a subclass of compressflow.Dataset")
+        super().add(name, value)
+
+
+class TaskRegistry(Registry[Any]):
+    """Task classes (subclasses of :class:`compressflow.task.Task`) by their ``name``."""
+
+    what = "task"
+
+    def add(self, task_class: Any) -> None:  # type: ignore[override]
+        """Register a Task subclass under its ``name``."""
+        from compressflow.task import Task
+
+        if not (isinstance(task_class, type) and issubclass(task_class, Task)):
+            raise PluginError(
+                f"{self.current_provider} registered {task_class!r} as a task",
+                "register_tasks takes subclasses of compressflow.task.Task")
+        super().add(task_class.name, task_class)
 
 
 @dataclass(frozen=True)
 class MetricEntry:
-    """A task metric: ``fn(model, loader) -> float`` and which way is better."""
+    """An extra metric: ``fn(model, loader) -> float``, its direction, the tasks it fits."""
 
     fn: Callable[..., float]
     higher_is_better: bool = True
+    tasks: tuple[str, ...] | None = ("classification",)
+
+    def fits(self, task: str) -> bool:
+        """Whether the metric can judge a model of ``task``."""
+        return self.tasks is None or task in self.tasks
 
 
 class MetricRegistry(Registry[MetricEntry]):
-    """Task metrics by name."""
+    """Extra metrics by name, measured beside the task's own (``evaluation.extra``)."""
 
     what = "metric"
 
-    def add(self, name: str, fn: Callable[..., float], higher_is_better: bool = True) -> None:  # type: ignore[override]
-        """Register metric ``fn(model, loader) -> float`` under ``name``."""
-        super().add(name, MetricEntry(fn, higher_is_better))
+    def add(self, name: str, fn: Callable[..., float], higher_is_better: bool = True,  # type: ignore[override]
+            tasks: tuple[str, ...] | None = ("classification",)) -> None:
+        """Register ``fn(model, loader) -> float`` under ``name``.
+
+        ``fn`` reads the loader's ``(inputs, targets)`` batches itself, so it declares the
+        tasks whose batches it understands: by default classification, as metrics were
+        before tasks existed; ``None`` for any task.
+        """
+        super().add(name, MetricEntry(fn, higher_is_better, tuple(tasks) if tasks else None))
 
 
 class StageRegistry:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from compressflow.gates import size_of
+
 
 def summary_markdown(rows: list[dict[str, Any]]) -> str:
     """The summary as a Markdown table, one row a stage."""
@@ -29,7 +31,7 @@ def stage_chart(rows: list[dict[str, Any]], metric: str, title: str, path: Path)
     import matplotlib.pyplot as plt
 
     names = [row["stage"] for row in rows]
-    sizes = [row.get("compressed_bytes") or row["size_bytes"] for row in rows]
+    sizes = [size_of(row) for row in rows]
     figure, left = plt.subplots(figsize=(max(6, 1.2 * len(rows)), 4))
     left.plot(names, [row[metric] for row in rows], "o-", color="tab:blue")
     left.set_ylabel(metric, color="tab:blue")

@@ -5,6 +5,10 @@ A stage gets a copy of the previous model, so every earlier model stays as it wa
 traceback as ``error.txt``; everything logged before it stays. With ``reuse``, a stage whose
 key (see :func:`compressflow.engine.stage_key`) was already logged in the experiment is not
 run again: its model and figures are taken from that run, which a tag names.
+
+The runner orders the work; building models and data (:mod:`compressflow.loading`),
+measuring (:mod:`compressflow.measuring`), the summary (:mod:`compressflow.summary`) and
+registration (:mod:`compressflow.registration`) each have their own module.
 """
 
 from __future__ import annotations
@@ -19,13 +23,15 @@ from typing import TYPE_CHECKING, Any, Callable, ContextManager
 
 import yaml
 
-from compressflow.engine import Plan, PlannedStage, source_context
+from compressflow.engine import Plan, PlannedStage
 from compressflow.errors import CompressflowError, ConfigError, StageFailed
 from compressflow.gates import GateFailed, gate_failures
-from compressflow.measure import measure_model, ratios_to_input
-from compressflow.report import stage_chart, summary_markdown
-from compressflow.stage import DataBundle, DataSpec, ModelSpec, PipelineContext, StageContext, StageResult
-from compressflow.tracking import DEFAULT_URI, LoggedStage, Tracker, flatten, git_commit
+from compressflow.loading import Loader
+from compressflow.measuring import Evaluator, Measurer, compare_to_input, honesty_notes
+from compressflow.registration import register_final
+from compressflow.stage import PipelineContext, StageContext, StageResult
+from compressflow.summary import log_summary, summary_row
+from compressflow.tracking import DEFAULT_URI, LoggedStage, Tag, Tracker, flatten, git_commit
 
 if TYPE_CHECKING:
     from torch import nn
@@ -46,7 +52,7 @@ class PipelineRunner:
                  tags: dict[str, str] | None = None, params: dict[str, Any] | None = None,
                  register: bool = True, run_name: str | None = None):
         spec = plan.spec
-        self.plan, self.spec, self.plugins = plan, spec, plan.plugins
+        self.plan, self.spec, self.plugins, self.task = plan, spec, plan.plugins, plan.task
         self.uri = tracking_uri or spec.tracking.uri or DEFAULT_URI
         self.experiment = experiment or spec.tracking.experiment or spec.name
         self.ctx = PipelineContext(spec, plan.file.path, self.uri, self.experiment)
@@ -54,54 +60,16 @@ class PipelineRunner:
         self.extra_tags, self.extra_params = tags or {}, params or {}
         self.register_model = register and spec.registration is not None
         self.run_name = run_name or spec.name
+        self.loader = Loader(plan, self.uri)
         self.models: dict[str, nn.Module] = {}
-        self.data_cache: dict[str, DataBundle] = {}
         self.workdir = Path(tempfile.mkdtemp(prefix="compressflow-"))
         self.tracker: Tracker | None = None
+        self.evaluate: Evaluator | None = None
+        self.measurer: Measurer | None = None
         self.reused: list[str] = []
         self.model_uris: dict[str, str | None] = {}
 
     # --- what stages may ask for ----------------------------------------------------------
-
-    def build_model(self, model_spec: ModelSpec, place: str = "model") -> nn.Module:
-        """Load a model through its source plugin; a failure is the user's input, exit 2."""
-        source = self.plugins.model_sources.get(model_spec.scheme, place)
-        load = source.load if hasattr(source, "load") else source
-        context = source_context(self.plan.file, model_spec, place, self.uri,
-                                 lambda inner: self.build_model(inner, place))
-        try:
-            return load(model_spec.reference, model_spec.args, context)
-        except CompressflowError:
-            raise
-        except Exception as error:
-            raise ConfigError(
-                f"{place}: model source '{model_spec.source}' failed: {type(error).__name__}: {error}",
-                "check the reference and args; COMPRESSFLOW_DEBUG=1 shows the traceback",
-            ) from error
-
-    def data_for(self, data_spec: DataSpec) -> DataBundle:
-        """The loaders for ``data_spec``, built once per distinct spec."""
-        key = data_spec.model_dump_json()
-        if key not in self.data_cache:
-            factory = self.plugins.datasets.get(data_spec.dataset)
-            input_shape = getattr(self.models.get(INPUT), "input_shape", None)
-            try:
-                self.data_cache[key] = factory(data_spec, self.spec.seed, input_shape)
-            except CompressflowError:
-                raise
-            except Exception as error:
-                raise ConfigError(
-                    f"dataset '{data_spec.dataset}' failed: {type(error).__name__}: {error}",
-                    "check the data settings; COMPRESSFLOW_DEBUG=1 shows the traceback",
-                ) from error
-        return self.data_cache[key]
-
-    def evaluate(self, model: nn.Module, loader: Any = None) -> dict[str, float]:
-        """The task metric and the extra metrics on ``loader`` (default: validation)."""
-        loader = loader if loader is not None else self.data_for(self.spec.data).val
-        names = [self.spec.evaluation.metric, *self.spec.evaluation.extra]
-        model.eval()
-        return {name: float(self.plugins.metrics.get(name).fn(model, loader)) for name in names}
 
     def model_at(self, ref: str, current: str) -> nn.Module:
         """A copy of the model after stage ``ref`` (``previous``: the one before ``current``)."""
@@ -119,9 +87,7 @@ class PipelineRunner:
         import torch
 
         torch.manual_seed(self.spec.seed)
-        self.models[INPUT] = self.build_model(self.spec.model, self.plan.file.place(("model",)))
-        for data_spec in [self.spec.data, *(p.data for p in self.plan.stages)]:
-            self.data_for(data_spec)  # a bad data setting is bad input: found before any run
+        self._preflight()
         self.tracker = Tracker(self.uri, self.experiment, self.spec.tracking.log_models)
         self.ctx.run_id = self.tracker.start_pipeline(
             self.run_name, {**self._tags(), **self.extra_tags}, {**self._params(), **self.extra_params})
@@ -134,12 +100,39 @@ class PipelineRunner:
                 self._run_stage(planned)
             status = "FINISHED"
             if self.register_model:
-                self._register()
+                register_final(self.tracker, self.spec.registration, self._final_model_uri())
         finally:
-            self._log_summary()
+            log_summary(self.tracker, self.ctx, self.spec.evaluation.metric, self.workdir,
+                        self._final_model_uri())
             self.tracker.end_pipeline(status)
             self.plugins.pipeline_end(self.ctx, status)
         return self.ctx
+
+    def _preflight(self) -> None:
+        """Build the input model and every stage's data: bad input is found before any run."""
+        model = self.loader.build_model(self.spec.model, self.plan.file.place(("model",)))
+        self.models[INPUT] = self.loader.input_model = model
+        for planned in self.plan.stages:
+            self.loader.data_for(planned.data)
+        bundle = self.loader.data_for(self.spec.data)
+        self.evaluate = Evaluator(self.task, self.plugins.metrics, self.spec.evaluation.extra,
+                                  bundle.val, model)
+        self.measurer = Measurer(self.task, self.spec.measure, bundle)
+        try:
+            self.measurer.example(1)
+            self.task.evaluate(model, [next(iter(bundle.val))],
+                               model if self.task.uses_reference else None)
+        except CompressflowError:
+            raise
+        except Exception as error:
+            raise ConfigError(
+                f"{self.plan.file.place(('model',))}: the input model cannot run on the data "
+                f"under task '{self.task.name}': {type(error).__name__}: {error}",
+                "check that the dataset yields what the model takes (task, data.args, "
+                "data.shape); COMPRESSFLOW_DEBUG=1 shows the traceback") from error
+
+    def _final_model_uri(self) -> str | None:
+        return self.model_uris.get(list(self.ctx.results)[-1]) if self.ctx.results else None
 
     def cleanup(self) -> None:
         """Remove the stages' work folders (their files are logged; results still name them)."""
@@ -149,13 +142,17 @@ class PipelineRunner:
         import compressflow
 
         tags = {
-            "compressflow.pipeline_hash": self.plan.file.content_hash(),
-            "compressflow.version": compressflow.__version__,
-            "compressflow.pipeline_file": str(self.plan.file.path),
+            Tag.PIPELINE_HASH: self.plan.file.content_hash(),
+            Tag.VERSION: compressflow.__version__,
+            Tag.PIPELINE_FILE: str(self.plan.file.path),
+            Tag.TASK: self.task.name,
+            # the UI's Source column: the pipeline file, not the python module that ran it
+            Tag.SOURCE_NAME: str(self.plan.file.path.resolve()),
+            Tag.SOURCE_TYPE: "LOCAL",
         }
         commit = git_commit(self.plan.file.path.resolve().parent)
         if commit:
-            tags["mlflow.source.git.commit"] = commit
+            tags[Tag.GIT_COMMIT] = commit
         return tags
 
     def _params(self) -> dict[str, Any]:
@@ -163,6 +160,7 @@ class PipelineRunner:
             "seed": self.spec.seed,
             "model.source": self.spec.model.source,
             "data.dataset": self.spec.data.dataset,
+            "task": self.task.name,
             "stages": " -> ".join(f"{p.entry.name}:{p.stage.kind}/{p.stage.method}"
                                   for p in self.plan.stages),
         }
@@ -179,12 +177,22 @@ class PipelineRunner:
         self.tracker.log_text(self.plan.file.text, "pipeline.yaml")
         self.tracker.log_text(yaml.safe_dump(resolved, sort_keys=False), "pipeline.resolved.yaml")
 
+    def _log_data(self, data_spec) -> None:
+        info = self.loader.data_for(data_spec).info
+        evaluated = self.loader.data_for(self.spec.data).info
+        if info == evaluated:  # MLflow keeps one input per dataset: name both uses
+            self.tracker.log_dataset(info, "train+eval")
+        else:
+            self.tracker.log_dataset(info, "train")
+            self.tracker.log_dataset(evaluated, "eval")
+
     def _run_input(self) -> None:
         params = flatten("model", self.spec.model.model_dump(mode="json"))
         with self.lock(self.plan.input_key):
             found = self._find(self.plan.input_key)
             self.tracker.start_stage(INPUT, params, self._stage_tags("input", self.plan.input_key, found))
             try:
+                self.tracker.log_dataset(self.loader.data_for(self.spec.data).info, "eval")
                 result = self._reused(found) if found else StageResult(model=self.models[INPUT])
                 self._measure_and_log(INPUT, "input", result, found)
             except BaseException:
@@ -197,9 +205,9 @@ class PipelineRunner:
         return self.tracker.find_stage(key) if self.reuse else None
 
     def _stage_tags(self, kind: str, key: str, found: LoggedStage | None) -> dict[str, str]:
-        tags = {"compressflow.kind": kind, "compressflow.stage_key": key}
+        tags = {Tag.KIND: kind, Tag.STAGE_KEY: key}
         if found:
-            tags["compressflow.reused_from"] = found.run_id
+            tags[Tag.REUSED_FROM] = found.run_id
         return tags
 
     def _reused(self, found: LoggedStage) -> StageResult:
@@ -214,14 +222,15 @@ class PipelineRunner:
             seed=self.spec.seed + planned.entry.index + 1,
             workdir=Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self.workdir)),
             metric=self.spec.evaluation.metric,
-            data=lambda: self.data_for(planned.data),
+            data=lambda: self.loader.data_for(planned.data),
             evaluate=self.evaluate,
             model_at=lambda ref: self.model_at(ref, name),
-            build_model=lambda spec: self.build_model(spec, f"stage '{name}'"),
+            build_model=lambda spec: self.loader.build_model(spec, f"stage '{name}'"),
             log_metric=self.tracker.log_metric,
             log_metrics=self.tracker.log_metrics,
             progress=lambda step, total, figures: self.plugins.stage_progress(
                 stage, step, total, figures),
+            task=self.task,
         )
 
     def _run_stage(self, planned: PlannedStage) -> None:
@@ -232,10 +241,11 @@ class PipelineRunner:
         with self.lock(planned.key):
             found = self._find(planned.key)
             tags = {**self._stage_tags(stage.kind, planned.key, found),
-                    "compressflow.method": stage.method, "compressflow.plugin": str(planned.provider)}
+                    Tag.METHOD: stage.method, Tag.PLUGIN: str(planned.provider)}
             self.tracker.start_stage(entry.name, params, tags)
             self.plugins.stage_start(stage, self.ctx)
             try:
+                self._log_data(planned.data)
                 result = self._reused(found) if found else self._compute(planned, previous)
                 self._measure_and_log(entry.name, f"{stage.kind}/{stage.method}", result, found)
             except BaseException as error:
@@ -284,8 +294,8 @@ class PipelineRunner:
         metric = self.spec.evaluation.metric
         failures = gate_failures(gate, self.ctx.results[planned.entry.name].metrics,
                                  self.ctx.results[against].metrics, metric,
-                                 self.plugins.metrics.get(metric).higher_is_better)
-        self.tracker.set_tags({"compressflow.gate": "failed" if failures else "passed"})
+                                 self.plan.higher_is_better(metric))
+        self.tracker.set_tags({Tag.GATE: "failed" if failures else "passed"})
         if failures:
             self.tracker.log_text("\n".join(failures) + "\n", "gate.txt")
             self.ctx.gate_failures.append(planned.entry.name)
@@ -294,83 +304,45 @@ class PipelineRunner:
 
     def _measure_and_log(self, name: str, method: str, result: StageResult,
                          found: LoggedStage | None) -> None:
-        bundle = self.data_for(self.spec.data)
-        example = bundle.example_input(1)
         if found:
             # reused: the figures were measured when that run computed this very model
             self.tracker.log_metrics(result.metrics)
-            self.tracker.set_tags({"compressflow.model_uri": found.model_uri})
+            self.tracker.set_tags({Tag.MODEL_URI: found.model_uri})
             self.model_uris[name] = found.model_uri
             self.reused.append(name)
         else:
-            measure = self.spec.measure
-            figures = self.evaluate(result.model)
-            figures.update(measure_model(result.model, example, bundle.example_input(64),
-                                         latency=measure.latency, threads=measure.threads,
-                                         warmup=measure.warmup, repeats=measure.repeats))
-            if name != INPUT:
-                self._compare_to_input(figures, result)
-            figures.update(result.metrics)
-            result.metrics = figures
-            self.tracker.log_metrics(figures)
-            self.model_uris[name] = self.tracker.log_model(result.model, example)
+            result.metrics = self._figures(name, result)
+            self.tracker.log_metrics(result.metrics)
+            self.model_uris[name] = self.tracker.log_model(result.model, self.measurer.example(1),
+                                                           self.task.feed)
             for artifact in result.artifacts.values():
                 self.tracker.log_file(Path(artifact))
         if result.notes:
             self.tracker.log_text("\n".join(result.notes) + "\n", "notes.txt")
         self.models[name] = result.model
         self.ctx.results[name] = result
-        self.ctx.summary.append(self._summary_row(name, method, result))
+        self.ctx.summary.append(summary_row(name, method, result, self.spec.evaluation.metric,
+                                            name in self.reused))
 
-    def _compare_to_input(self, figures: dict[str, float], result: StageResult) -> None:
-        metric = self.spec.evaluation.metric
-        start = self.ctx.results[INPUT].metrics
-        figures.update(ratios_to_input(figures, start))
-        figures[f"{metric}_delta"] = figures[metric] - start[metric]
-        if result.metrics.get("compressed_bytes"):
-            # a packed file stands against the input's serialized state dict
-            figures["compressed_ratio"] = start["size_bytes"] / result.metrics["compressed_bytes"]
-        before = list(self.ctx.results.values())[-1].metrics
-        if figures["sparsity"] > before["sparsity"] + 1e-3 and figures["size_bytes"] >= before["size_bytes"]:
-            result.notes.append(
-                f"sparsity rose to {figures['sparsity']:.1%} but the model is not smaller on "
-                "disk: its tensors are stored densely, zeros included")
-
-    def _summary_row(self, name: str, method: str, result: StageResult) -> dict[str, Any]:
-        figures, metric = result.metrics, self.spec.evaluation.metric
-        return {"stage": name, "method": method, metric: figures[metric],
-                "size_bytes": int(figures["size_bytes"]), "sparsity": figures["sparsity"],
-                "macs": int(figures["macs"]), "latency_ms_b1": figures.get("latency_ms_b1"),
-                "size_ratio": figures.get("size_ratio", 1.0),
-                "compressed_bytes": figures.get("compressed_bytes"),
-                "compressed_ratio": figures.get("compressed_ratio"),
-                "latency_b1_speedup": figures.get("latency_b1_speedup", 1.0),
-                "reused": name in self.reused, "notes": " ".join(result.notes)}
-
-    def _register(self) -> None:
-        register = self.spec.registration
-        uri = self.model_uris[list(self.ctx.results)[-1]]
-        if uri is None:
-            raise ConfigError("register: the final model was not logged (tracking.log_models is off)",
-                              "turn tracking.log_models on to register a model")
-        version = self.tracker.register(uri, register.name, register.alias)
-        self.tracker.set_tags({"compressflow.registered": f"{register.name}/{version}"})
-
-    def _log_summary(self) -> None:
-        import json
-
-        if not self.ctx.summary:
-            return
-        self.tracker.log_text(json.dumps(self.ctx.summary, indent=2), "summary.json")
-        self.tracker.log_text(summary_markdown(self.ctx.summary), "summary.md")
-        self.tracker.log_file(stage_chart(self.ctx.summary, self.spec.evaluation.metric,
-                                          self.spec.name, self.workdir / "stages.png"))
-        final = {k: v for k, v in self.ctx.summary[-1].items()
-                 if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        self.tracker.log_metrics(final)
-        final_stage = self.ctx.summary[-1]["stage"]
-        tags = {"compressflow.final_stage": final_stage,
-                "compressflow.gate": "failed" if self.ctx.gate_failures else "passed"}
-        if self.model_uris.get(final_stage):
-            tags["compressflow.final_model_uri"] = self.model_uris[final_stage]
-        self.tracker.set_tags(tags)
+    def _figures(self, name: str, result: StageResult) -> dict[str, float]:
+        """Everything measured of a freshly computed model, then the stage's own figures."""
+        is_input = name == INPUT
+        if result.packed_bytes is None and "compressed_bytes" in result.metrics:
+            # a plugin written before StageResult.packed_bytes reported it as a metric
+            result.packed_bytes = int(result.metrics.pop("compressed_bytes"))
+        figures = self.evaluate(result.model)
+        figures.update(self.measurer.figures(result.model, None if is_input else self.models[INPUT]))
+        if not is_input:
+            start = self.ctx.results[INPUT].metrics
+            figures.update(compare_to_input(figures, start, self.spec.evaluation.metric,
+                                            result.packed_bytes))
+            before = list(self.ctx.results.values())[-1].metrics
+            result.notes += honesty_notes(figures, before, self.spec.measure.batch_sizes,
+                                          self.spec.measure.seq_len)
+        clashes = sorted(set(result.metrics) & set(figures))
+        if clashes:
+            raise ValueError(
+                f"the stage's own metrics {', '.join(clashes)} collide with figures the engine "
+                "measures; a stage reports a packed file as StageResult.packed_bytes and "
+                "names its other figures apart (e.g. final_<name>)")
+        return {**figures, **result.metrics}

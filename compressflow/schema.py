@@ -37,7 +37,29 @@ def pipeline_schema(plugins: Plugins) -> dict[str, Any]:
                          stages=(list[stage_type], Field(min_length=1)))
     schema = model.model_json_schema()
     schema["$comment"] = "DataSpec fields may be overridden per stage: " + ", ".join(DataSpec.model_fields)
+    # data.args and task params depend on the dataset and task named: each one's schema
+    schema["x-dataset-args"] = {name: _params_schema(plugins.datasets.get(name))
+                                for name in plugins.datasets.names()}
+    schema["x-task-params"] = {name: plugins.tasks.get(name).Params.model_json_schema()
+                               for name in plugins.tasks.names()}
     return schema
+
+
+def _params_schema(dataset: Any) -> dict[str, Any]:
+    params = getattr(dataset, "Params", None)
+    if params is None:
+        return {"description": "a factory from before datasets declared params: args unchecked"}
+    return params.model_json_schema()
+
+
+def _fields(params_class: Any) -> dict[str, Any]:
+    """Each field's type, whether required, default and description."""
+    fields = {}
+    for name, info in params_class.model_fields.items():
+        default = None if info.is_required() else info.get_default(call_default_factory=True)
+        fields[name] = {"type": _type_name(info.annotation), "required": info.is_required(),
+                        "default": _jsonable(default), "description": info.description or ""}
+    return fields
 
 
 def plugin_listing(plugins: Plugins) -> dict[str, Any]:
@@ -45,11 +67,7 @@ def plugin_listing(plugins: Plugins) -> dict[str, Any]:
     stages = []
     for (kind, method), stage_class in sorted(plugins.stages.stages.items()):
         provider = plugins.stages.providers[(kind, method)]
-        params = {}
-        for name, info in stage_class.Params.model_fields.items():
-            default = None if info.is_required() else info.get_default(call_default_factory=True)
-            params[name] = {"type": _type_name(info.annotation), "required": info.is_required(),
-                            "default": _jsonable(default), "description": info.description or ""}
+        params = _fields(stage_class.Params)
         stages.append({"kind": kind, "method": method,
                        "default": plugins.stages.default_method(kind) == method,
                        "plugin": provider.plugin, "distribution": provider.distribution,
@@ -61,8 +79,20 @@ def plugin_listing(plugins: Plugins) -> dict[str, Any]:
                  "distribution": registry.providers[n].distribution,
                  "version": registry.providers[n].version} for n in registry.names()]
 
+    datasets = named(plugins.datasets)
+    for entry in datasets:
+        dataset = plugins.datasets.get(entry["name"])
+        entry["params"] = _fields(dataset.Params) if hasattr(dataset, "Params") else None
+        entry["tasks"] = list(getattr(dataset, "tasks", None) or [])
+        entry["doc"] = (type(dataset).__doc__ or "").strip().splitlines()[0] if hasattr(dataset, "Params") else ""
+    tasks = named(plugins.tasks)
+    for entry in tasks:
+        task = plugins.tasks.get(entry["name"])
+        entry["metrics"] = {n: {"higher_is_better": m.higher_is_better, "description": m.description}
+                            for n, m in task.metrics.items()}
+        entry["default_metric"] = task.default_metric
     return {"stages": stages, "model_sources": named(plugins.model_sources),
-            "datasets": named(plugins.datasets), "metrics": named(plugins.metrics),
+            "datasets": datasets, "tasks": tasks, "metrics": named(plugins.metrics),
             "broken": [b.__dict__ for b in plugins.broken]}
 
 

@@ -13,10 +13,13 @@ from typing import TYPE_CHECKING, Annotated, Any, Callable, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from compressflow.data import DataBundle, DataSpec  # noqa: F401  (re-exported: the contract)
 
 if TYPE_CHECKING:
     from torch import nn
     from torch.utils.data import DataLoader
+
+    from compressflow.task import Task
 
 REF_MARK = "x-compressflow-ref"
 MODEL_REFS = ("input", "previous")
@@ -81,44 +84,6 @@ class ModelSpec(BaseModel):
         return self.source.split(":", 1)[1]
 
 
-class DataSpec(BaseModel):
-    """The data a pipeline (or, with overrides, one stage) trains and evaluates on."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    dataset: str = Field(description="a registered dataset: digits, synthetic, ...")
-    batch_size: int = Field(64, ge=1)
-    val_fraction: float = Field(0.2, gt=0, lt=1, description="held out for evaluation")
-    train_fraction: float = Field(
-        1.0, gt=0, le=1, description="stratified part of the training split kept"
-    )
-    shape: Literal["auto", "flat", "image"] = Field(
-        "auto", description="auto: whatever the model's input_shape asks for"
-    )
-    calibration_batches: int = Field(4, ge=1, description="train batches for calibration")
-    args: dict[str, Any] = Field(default_factory=dict, description="dataset-specific settings")
-
-
-@dataclass
-class DataBundle:
-    """Loaders a dataset factory returns; validation is the same whatever ``train_fraction``."""
-
-    train: DataLoader
-    val: DataLoader
-    calibration: DataLoader
-    num_classes: int
-    sample_shape: tuple[int, ...]
-
-    def example_input(self, batch: int = 1) -> Any:
-        """A real batch of ``batch`` validation inputs (for signatures and latency)."""
-        import torch
-
-        inputs = torch.cat([x for x, _ in self.val])
-        while inputs.shape[0] < batch:
-            inputs = torch.cat([inputs, inputs])
-        return inputs[:batch]
-
-
 @dataclass
 class StageResult:
     """What a stage hands back.
@@ -128,12 +93,18 @@ class StageResult:
         metrics: the stage's own figures (``reconstruction_error``...); measure adds the rest.
         artifacts: files to keep with the stage's MLflow run, by name.
         notes: sentences for the summary (``"not smaller on disk: dense storage"``).
+        packed_bytes: where the stage wrote the model in a packed format, that file's size
+            in bytes; logged as ``compressed_bytes`` with ``compressed_ratio`` to the input.
+
+    A metric of the stage's own may not reuse a name the engine measures (``size_bytes``,
+    ``accuracy``, ...): that is an error, never a silent overwrite.
     """
 
     model: nn.Module
     metrics: dict[str, float] = field(default_factory=dict)
     artifacts: dict[str, Path] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    packed_bytes: int | None = None
 
 
 class StageContext:
@@ -141,7 +112,8 @@ class StageContext:
 
     Attributes:
         name: the stage's name. seed: its seed. device: ``"cpu"`` here. workdir: a folder of
-        its own for files it writes. metric: the task metric's name.
+        its own for files it writes. metric: the task metric's name. task: the pipeline's
+        :class:`compressflow.task.Task`: every model call, loss and metric goes through it.
     """
 
     def __init__(
@@ -159,29 +131,44 @@ class StageContext:
         progress: Callable[[int, int, dict[str, float]], None],
         device: str = "cpu",
         log_metrics: Callable[[dict[str, float], int | None], None] | None = None,
+        task: Task | None = None,
     ) -> None:
         self.name, self.seed, self.workdir, self.metric = name, seed, workdir, metric
         self.device = device
         self._data, self._evaluate, self._model_at = data, evaluate, model_at
         self._build_model, self._log_metric, self._progress = build_model, log_metric, progress
         self._log_metrics = log_metrics
+        if task is None:
+            from compressflow.task import default_task
+
+            task = default_task()
+        self.task = task
 
     @classmethod
     def detached(cls, data: DataBundle,
                  evaluate: Callable[[nn.Module, DataLoader | None], dict[str, float]], *,
                  seed: int = 0, workdir: Path | None = None, metric: str = "accuracy",
-                 name: str = "detached") -> StageContext:
-        """A context outside any pipeline (a benchmark, a script): fixed data, no other
-        models to ask for, nothing logged."""
+                 name: str = "detached", task: Task | None = None,
+                 models: dict[str, nn.Module] | None = None) -> StageContext:
+        """A context outside any pipeline (a benchmark, a script): fixed data, the given
+        ``models`` to ask for by name (``input``...), nothing logged."""
+        import copy
         import tempfile
 
-        def no_other_models(ref: str) -> nn.Module:
-            raise LookupError(f"a detached context has no model '{ref}'")
+        known = models or {}
+
+        def model_at(ref: str) -> nn.Module:
+            if ref not in known:
+                raise LookupError(f"a detached context has no model '{ref}'")
+            return copy.deepcopy(known[ref])
+
+        def no_sources(spec: ModelSpec) -> nn.Module:
+            raise LookupError(f"a detached context builds no model ({spec.source})")
 
         return cls(name=name, seed=seed, workdir=workdir or Path(tempfile.mkdtemp(prefix=f"{name}-")),
-                   metric=metric, data=lambda: data, evaluate=evaluate, model_at=no_other_models,
-                   build_model=no_other_models, log_metric=lambda *_: None,
-                   progress=lambda *_: None)
+                   metric=metric, data=lambda: data, evaluate=evaluate, model_at=model_at,
+                   build_model=no_sources, log_metric=lambda *_: None,
+                   progress=lambda *_: None, task=task)
 
     @property
     def data(self) -> DataBundle:
@@ -195,6 +182,11 @@ class StageContext:
     def model_at(self, ref: str) -> nn.Module:
         """A copy of the model after stage ``ref`` (or ``input``, or ``previous``)."""
         return self._model_at(ref)
+
+    def reference(self) -> nn.Module | None:
+        """The input model, where the task measures fidelity to it (``task.uses_reference``);
+        training stages match it when they have no teacher. Else None."""
+        return self.model_at("input") if self.task.uses_reference else None
 
     def build_model(self, spec: ModelSpec) -> nn.Module:
         """A fresh model from a model spec (a distillation student, say)."""
@@ -227,6 +219,8 @@ class Stage:
     method: ClassVar[str] = "default"
     default: ClassVar[bool] = False
     Params: ClassVar[type[StageParams]] = StageParams
+    tasks: ClassVar[tuple[str, ...] | None] = None
+    """The task names this stage can serve (None: any); another task is a validation error."""
 
     def __init__(self, name: str, params: StageParams, data: dict[str, Any] | None = None):
         self.name = name

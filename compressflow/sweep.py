@@ -20,6 +20,7 @@ from compressflow.config import load_pipeline
 from compressflow.engine import Plan, validate
 from compressflow.errors import CompressflowError, ConfigError
 from compressflow.plugins import Plugins
+from compressflow.tracking import Tag
 
 
 @dataclass
@@ -146,7 +147,7 @@ def _run_job(job: SweepJob, variant: Variant | None = None) -> VariantOutcome:
     runner = PipelineRunner(
         variant.plan, job.uri, job.experiment, reuse=True,
         lock=lambda key: file_lock(Path(job.lock_dir), key),
-        tags={"compressflow.sweep_id": job.sweep_id, "compressflow.variant": str(job.index)},
+        tags={Tag.SWEEP_ID: job.sweep_id, Tag.VARIANT: str(job.index)},
         params={f"sweep.{path}": value for path, value in job.values.items()},
         register=False, run_name=f"{variant.plan.spec.name} [{variant.label}]")
     outcome = VariantOutcome(job.index, "FINISHED")
@@ -196,12 +197,12 @@ def summarize(variants: list[Variant], sweep_id: str, uri: str, experiment: str)
 
     spec = variants[0].plan.spec
     metric, by = spec.evaluation.metric, "size_bytes"
-    higher = variants[0].plan.plugins.metrics.get(metric).higher_is_better
+    higher = variants[0].plan.higher_is_better(metric)
     rows = compare.mark_pareto(compare.load_rows(uri, experiment, metric, by, sweep_id), higher)
     table = compare.as_table(rows, metric, by)
     tracker = Tracker(uri, experiment)
-    tracker.start_pipeline(f"sweep-{sweep_id}", {"compressflow.sweep_id": sweep_id,
-                                                 "compressflow.kind": "sweep-summary"},
+    tracker.start_pipeline(f"sweep-{sweep_id}", {Tag.SWEEP_ID: sweep_id,
+                                                 Tag.KIND: "sweep-summary"},
                            {"variants": len(variants), "mode": (spec.sweep or {}).get("mode", "product")})
     chosen = None
     try:
@@ -216,8 +217,8 @@ def summarize(variants: list[Variant], sweep_id: str, uri: str, experiment: str)
                 raise ConfigError(f"sweep {sweep_id}: no finished variant passed its gates; nothing registered",
                                   "loosen the gates or the sweep's values")
             version = tracker.register(chosen.model_uri, spec.registration.name, spec.registration.alias)
-            tracker.set_tags({"compressflow.registered": f"{spec.registration.name}/{version}",
-                              "compressflow.selected_run": chosen.run_id})
+            tracker.set_tags({Tag.REGISTERED: f"{spec.registration.name}/{version}",
+                              Tag.SELECTED_RUN: chosen.run_id})
     finally:
         tracker.end_pipeline("FINISHED")
     return {"table": table, "chosen": chosen, "rows": rows}

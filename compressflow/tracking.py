@@ -1,4 +1,4 @@
-"""MLflow, as DESIGN §4 lays it out: one parent run a pipeline, one nested run a stage.
+"""MLflow, as docs/architecture.md lays it out: one parent run a pipeline, one nested run a stage.
 
 Only this module and the mlflow model source talk to MLflow. Models are logged with
 ``serialization_format="pickle"`` (the pt2 format fails on torch.ao quantized models) and
@@ -14,6 +14,31 @@ from typing import Any
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 MODEL_NAME = "model"
+
+
+class Tag:
+    """Every tag compressflow writes, in one place so that its writers and readers agree."""
+
+    PIPELINE_HASH = "compressflow.pipeline_hash"
+    PIPELINE_FILE = "compressflow.pipeline_file"
+    VERSION = "compressflow.version"
+    KIND = "compressflow.kind"
+    METHOD = "compressflow.method"
+    PLUGIN = "compressflow.plugin"
+    STAGE_KEY = "compressflow.stage_key"
+    REUSED_FROM = "compressflow.reused_from"
+    MODEL_URI = "compressflow.model_uri"
+    GATE = "compressflow.gate"
+    FINAL_STAGE = "compressflow.final_stage"
+    FINAL_MODEL_URI = "compressflow.final_model_uri"
+    REGISTERED = "compressflow.registered"
+    SWEEP_ID = "compressflow.sweep_id"
+    VARIANT = "compressflow.variant"
+    SELECTED_RUN = "compressflow.selected_run"
+    TASK = "compressflow.task"
+    GIT_COMMIT = "mlflow.source.git.commit"
+    SOURCE_NAME = "mlflow.source.name"
+    SOURCE_TYPE = "mlflow.source.type"
 
 
 @dataclass
@@ -48,6 +73,33 @@ def store_exists(uri: str) -> bool:
     if uri.startswith("sqlite:///"):
         return Path(uri.removeprefix("sqlite:///")).exists()
     return True
+
+
+def experiment_names(uri: str) -> list[str] | None:
+    """The experiments of the store at ``uri`` (None: no store there; reading creates none)."""
+    if not store_exists(uri):
+        return None
+    from mlflow.tracking import MlflowClient
+
+    quiet_mlflow_logs()
+    return [e.name for e in MlflowClient(uri).search_experiments()]
+
+
+def experiment_runs(uri: str, experiment: str, filter_string: str = "",
+                    order_by: list[str] | None = None) -> list[Any] | None:
+    """Every run of ``experiment`` (parents and stages) matching ``filter_string``; None when
+    the store or the experiment is not there."""
+    if not store_exists(uri):
+        return None
+    from mlflow.tracking import MlflowClient
+
+    quiet_mlflow_logs()
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    return client.search_runs([found.experiment_id], filter_string, order_by=order_by,
+                              max_results=5000)
 
 
 def git_commit(folder: Path) -> str | None:
@@ -107,8 +159,9 @@ class Tracker:
         """A file artifact of the open run."""
         self.mlflow.log_artifact(str(path), folder)
 
-    def log_model(self, model: Any, example: Any) -> str | None:
-        """The model of the open stage run, with a signature; returns its URI."""
+    def log_model(self, model: Any, example: Any, feed: Any = None) -> str | None:
+        """The model of the open stage run, with a signature of ``example`` (inputs in any
+        form the task feeds) and of its outputs; returns its URI."""
         if not self.log_models:
             return None
         import mlflow.pytorch
@@ -116,10 +169,11 @@ class Tracker:
         from mlflow.models import infer_signature
 
         import compressflow
+        from compressflow.task import call, to_numpy
 
         with torch.inference_mode():
-            output = model(example)
-        signature = infer_signature(example.numpy(), output.numpy())
+            output = (feed or call)(model, example)
+        signature = infer_signature(to_numpy(example), to_numpy(output))
         info = mlflow.pytorch.log_model(
             model,
             name=MODEL_NAME,
@@ -129,7 +183,7 @@ class Tracker:
                               f"compressflow=={compressflow.__version__}"],
         )
         # MLflow 3 keeps logged models apart from runs: models:/<model_id> is their own address
-        self.mlflow.set_tag("compressflow.model_uri", info.model_uri)
+        self.mlflow.set_tag(Tag.MODEL_URI, info.model_uri)
         return info.model_uri
 
     def end_stage(self, status: str = "FINISHED") -> None:
@@ -143,6 +197,16 @@ class Tracker:
             self.mlflow.end_run(status=status)
         self.parent_id = None
 
+    def log_dataset(self, info: Any, context: str) -> None:
+        """The data a stage used, as an MLflow dataset input (the UI's Dataset column)."""
+        from mlflow.data.code_dataset_source import CodeDatasetSource
+        from mlflow.data.meta_dataset import MetaDataset
+
+        source = CodeDatasetSource({"source": info.source, **{f"{k}_samples": str(v)
+                                                              for k, v in info.splits.items()}})
+        dataset = MetaDataset(source, name=info.name, digest=info.digest)
+        self.mlflow.log_input(dataset, context=context)
+
     def set_tags(self, tags: dict[str, str]) -> None:
         """Tags on the open run."""
         self.mlflow.set_tags(tags)
@@ -155,13 +219,13 @@ class Tracker:
         """
         runs = self.mlflow.search_runs(
             experiment_ids=[self.experiment_id], output_format="list", max_results=20,
-            filter_string=f"tags.`compressflow.stage_key` = '{key}' and attributes.status != 'FAILED'",
+            filter_string=f"tags.`{Tag.STAGE_KEY}` = '{key}' and attributes.status != 'FAILED'",
         )
         for run in runs:
-            if run.data.tags.get("compressflow.model_uri"):
+            if run.data.tags.get(Tag.MODEL_URI):
                 # a reused run points on to the run that computed the model: name that one
-                origin = run.data.tags.get("compressflow.reused_from", run.info.run_id)
-                return LoggedStage(origin, run.data.tags["compressflow.model_uri"], dict(run.data.metrics))
+                origin = run.data.tags.get(Tag.REUSED_FROM, run.info.run_id)
+                return LoggedStage(origin, run.data.tags[Tag.MODEL_URI], dict(run.data.metrics))
         return None
 
     def load_model(self, uri: str) -> Any:

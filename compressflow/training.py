@@ -1,14 +1,15 @@
-"""The one training loop: train, finetune, distill (and later gradual pruning, QAT) use it.
+"""The one training loop: train, finetune, distill, gradual pruning and QAT use it.
 
 A stage passes its model, the data, a :class:`TrainParams` and, where it needs one, its own
 loss (distillation) or a hook after every optimizer step. Zeros can be frozen: a pruned
-weight stays exactly zero through any optimizer.
+weight stays exactly zero through any optimizer. Batches are split, fed and scored by the
+context's task (:mod:`compressflow.task`): any inputs, any loss.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from pydantic import Field
 
@@ -20,8 +21,10 @@ if TYPE_CHECKING:
 
     from compressflow.stage import DataBundle, StageContext
 
-LossFn = Callable[["torch.Tensor", "torch.Tensor", "torch.Tensor"], "torch.Tensor"]
-"""``loss_fn(outputs, targets, inputs) -> scalar loss``."""
+LossFn = Callable[["torch.Tensor", Any, Any], "torch.Tensor"]
+"""``loss_fn(outputs, targets, inputs) -> scalar loss``: ``outputs`` is the task's
+prediction, ``inputs`` what the model was fed (a tensor, tuple or dict); a loss that runs
+another model on them calls ``ctx.task.predict(other, inputs)``."""
 
 
 class TrainParams(StageParams):
@@ -81,10 +84,12 @@ def fit(
     say); a stage that trains several times passes ``step_offset`` so its curves continue.
     """
     import torch
-    import torch.nn.functional as F
+
+    from compressflow.task import batch_len
 
     torch.manual_seed(ctx.seed)
-    loss_fn = loss_fn or (lambda outputs, targets, _inputs: F.cross_entropy(outputs, targets))
+    task = ctx.task
+    loss_fn = loss_fn or task_loss(ctx)
     trained = torch.nn.ModuleList([model, *extra_modules])
     optimizer = _optimizer(trained, params)
     steps_per_epoch = max(1, len(data.train))
@@ -99,9 +104,10 @@ def fit(
     for epoch in range(1, params.epochs + 1):
         trained.train()
         running, seen = 0.0, 0
-        for inputs, targets in data.train:
+        for batch in data.train:
+            inputs, targets = task.split(batch)
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(inputs), targets, inputs)
+            loss = loss_fn(task.predict(model, inputs), targets, inputs)
             loss.backward()
             optimizer.step()
             if scheduler is not None:
@@ -110,8 +116,9 @@ def fit(
                 apply_masks(model, masks)
             if after_step is not None:
                 after_step(model)
-            running += float(loss.detach()) * len(targets)
-            seen += len(targets)
+            count = batch_len(inputs)
+            running += float(loss.detach()) * count
+            seen += count
         figures = {"train_loss": running / max(seen, 1)}
         figures.update({f"val_{k}": v for k, v in ctx.evaluate(model).items()})
         ctx.log_metrics(figures, step_offset + epoch)
@@ -119,3 +126,20 @@ def fit(
         history.append(figures)
     model.eval()
     return history
+
+
+def task_loss(ctx: StageContext) -> LossFn:
+    """The task's own loss; a task that learns to match the input model gets its outputs."""
+    import torch
+
+    task, reference = ctx.task, ctx.reference()
+    if reference is None:
+        return lambda outputs, targets, _inputs: task.loss(outputs, targets)
+    reference.eval()
+
+    def loss(outputs, targets, inputs):
+        with torch.no_grad():
+            expected = task.predict(reference, inputs)
+        return task.loss(outputs, targets, expected)
+
+    return loss

@@ -44,15 +44,13 @@ def compare(
 
 
 def _only_experiment(uri: str) -> str:
-    from mlflow.tracking import MlflowClient
-
     from compressflow.errors import ConfigError
-    from compressflow.tracking import quiet_mlflow_logs, store_exists
+    from compressflow.tracking import experiment_names
 
-    if not store_exists(uri):
+    names = experiment_names(uri)
+    if names is None:
         raise ConfigError(f"no store at {uri}", "run a pipeline first, or pass --tracking-uri")
-    quiet_mlflow_logs()
-    names = [e.name for e in MlflowClient(uri).search_experiments() if e.name != "Default"]
+    names = [name for name in names if name != "Default"]
     if len(names) != 1:
         raise ConfigError(f"{uri} holds {len(names)} experiments: name one",
                           f"compressflow compare EXPERIMENT; there: {', '.join(names) or 'none'}")

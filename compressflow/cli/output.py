@@ -108,9 +108,27 @@ def print_plugins(listing: dict) -> None:
         table.add_row(f"{stage['kind']}/{stage['method']}{default}",
                       f"{stage['plugin']}: {stage['distribution']} {stage['version']}", params)
     console.print(table)
-    for section in ("model_sources", "datasets", "metrics"):
-        names = ", ".join(f"{e['name']} ({e['distribution']})" for e in listing[section])
+    for section in ("model_sources", "metrics"):
+        names = ", ".join(f"{e['name']} ({e['distribution']})" for e in listing[section]) or "none"
         console.print(f"[bold]{section.replace('_', ' ')}[/]: {names}")
+    tasks = Table(title="tasks")
+    for column in ("task", "provided by", "metrics (default first)"):
+        tasks.add_column(column, overflow="fold")
+    for task in listing["tasks"]:
+        metrics = sorted(task["metrics"], key=lambda m: m != task["default_metric"])
+        tasks.add_row(task["name"], f"{task['plugin']}: {task['distribution']}", ", ".join(
+            f"{m} ({'higher' if task['metrics'][m]['higher_is_better'] else 'lower'} is better)"
+            for m in metrics))
+    console.print(tasks)
+    datasets = Table(title="datasets (data.args)")
+    for column in ("dataset", "provided by", "tasks", "args (default)"):
+        datasets.add_column(column, overflow="fold")
+    for entry in listing["datasets"]:
+        params = "not declared (a factory: args unchecked)" if entry["params"] is None else ", ".join(
+            name + ("" if p["required"] else f"={p['default']}") for name, p in entry["params"].items())
+        datasets.add_row(entry["name"], f"{entry['plugin']}: {entry['distribution']}",
+                         ", ".join(entry["tasks"]) or "any", params or "-")
+    console.print(datasets)
     for broken in listing["broken"]:
         console.print(f"[red]broken[/]: {broken['entry_point']} from {broken['distribution']}: {broken['error']}")
 

@@ -51,20 +51,11 @@ def raise_no_reuse() -> None:
 
 
 def _logged_keys(uri: str, experiment: str) -> set[str]:
-    from mlflow.tracking import MlflowClient
+    from compressflow.tracking import Tag, experiment_runs
 
-    from compressflow.tracking import quiet_mlflow_logs, store_exists
-
-    if not store_exists(uri):
-        return set()
-    quiet_mlflow_logs()
-    client = MlflowClient(uri)
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        return set()
-    runs = client.search_runs([found.experiment_id], "attributes.status = 'FINISHED'", max_results=5000)
-    return {r.data.tags["compressflow.stage_key"] for r in runs if "compressflow.stage_key" in r.data.tags
-            and "compressflow.model_uri" in r.data.tags}
+    runs = experiment_runs(uri, experiment, "attributes.status = 'FINISHED'") or []
+    return {r.data.tags[Tag.STAGE_KEY] for r in runs
+            if Tag.STAGE_KEY in r.data.tags and Tag.MODEL_URI in r.data.tags}
 
 
 def _print_variants(variants, fates) -> None:

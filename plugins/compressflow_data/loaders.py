@@ -9,39 +9,27 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from compressflow import ConfigError, DataBundle, DataSpec
 
-SYNTHETIC_DEFAULTS = {"samples": 2000, "features": 20, "classes": 4, "clusters_per_class": 3,
-                      "informative": 10, "class_sep": 1.0, "flip_y": 0.01}
-
-
 def load_digits_bundle(spec: DataSpec, seed: int, input_shape) -> DataBundle:
     """The digits as a bundle: flat (64) or image (1x8x8) to fit the model."""
     from sklearn.datasets import load_digits
 
-    if spec.args:
-        raise ConfigError(f"dataset digits takes no args, got {', '.join(spec.args)}",
-                          "remove data.args; use val_fraction / train_fraction")
     features, labels = load_digits(return_X_y=True)
     image = spec.shape == "image" or (spec.shape == "auto" and input_shape is not None
                                        and len(input_shape) == 3)
     return make_bundle(features, labels, spec, seed, (1, 8, 8) if image else (64,))
 
 
-def load_synthetic_bundle(spec: DataSpec, seed: int, input_shape) -> DataBundle:
-    """A make_classification task; its args are checked against the known ones."""
+def load_synthetic_bundle(spec: DataSpec, a, seed: int) -> DataBundle:
+    """A make_classification task with the validated params ``a``."""
     from sklearn.datasets import make_classification
 
-    unknown = set(spec.args) - set(SYNTHETIC_DEFAULTS)
-    if unknown:
-        raise ConfigError(f"dataset synthetic takes no arg {', '.join(sorted(unknown))}",
-                          f"known: {', '.join(SYNTHETIC_DEFAULTS)}")
     if spec.shape == "image":
         raise ConfigError("dataset synthetic is flat; it has no image shape", "use shape: flat")
-    a = {**SYNTHETIC_DEFAULTS, **spec.args}
     features, labels = make_classification(
-        n_samples=a["samples"], n_features=a["features"], n_informative=a["informative"],
-        n_redundant=0, n_classes=a["classes"], n_clusters_per_class=a["clusters_per_class"],
-        class_sep=a["class_sep"], flip_y=a["flip_y"], random_state=seed)
-    return make_bundle(features, labels, spec, seed, (a["features"],))
+        n_samples=a.samples, n_features=a.features, n_informative=a.informative,
+        n_redundant=0, n_classes=a.classes, n_clusters_per_class=a.clusters_per_class,
+        class_sep=a.class_sep, flip_y=a.flip_y, random_state=seed)
+    return make_bundle(features, labels, spec, seed, (a.features,))
 
 
 def make_bundle(features: np.ndarray, labels: np.ndarray, spec: DataSpec, seed: int,

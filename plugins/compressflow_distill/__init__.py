@@ -28,19 +28,21 @@ class LogitsParams(TrainParams):
 
 
 class LogitsDistill(Stage):
-    """Train a student on the teacher's softened logits plus the labels."""
+    """Train a student on the teacher's softened logits plus the labels (classification);
+    on the teacher's embeddings, by the task's own loss (embedding)."""
 
     kind = "distill"
     method = "logits"
     default = True
     Params = LogitsParams
+    tasks = ("classification", "embedding")
 
     def run(self, model, ctx):
         from compressflow_distill.losses import logits_kd_loss
 
         teacher = ctx.model_at(self.params.teacher).eval()
         student = ctx.build_model(self.params.student) if self.params.student else model
-        loss_fn = logits_kd_loss(teacher, self.params.temperature, self.params.alpha)
+        loss_fn = logits_kd_loss(teacher, self.params.temperature, self.params.alpha, ctx.task)
         history = fit(student, ctx.data, self.params, ctx, loss_fn=loss_fn)
         return StageResult(student, metrics={f"final_{k}": v for k, v in history[-1].items()}
                            if history else {})
@@ -89,6 +91,7 @@ class FeaturesDistill(Stage):
     kind = "distill"
     method = "features"
     Params = FeaturesParams
+    tasks = ("classification",)
 
     def run(self, model, ctx):
         from compressflow_distill.features import FeatureKD
@@ -101,7 +104,7 @@ class FeaturesDistill(Stage):
                        logits_weight=params.logits_weight, label_weight=params.label_weight,
                        temperature=params.temperature)
         try:
-            widths = kd.probe(student, data.example_input(2))
+            widths = kd.probe(student, data.example_input(2, ctx.task))
             logger = _TermLogger(ctx, kd)
             history = fit(student, data, params, logger, loss_fn=kd,
                           extra_modules=[kd.projections])

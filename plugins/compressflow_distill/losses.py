@@ -23,17 +23,24 @@ def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                     reduction="batchmean") * temperature**2
 
 
-def logits_kd_loss(teacher: nn.Module, temperature: float, alpha: float):
+def logits_kd_loss(teacher: nn.Module, temperature: float, alpha: float, task=None):
     """Hinton's loss: ``alpha * soft_kl + (1 - alpha) * cross-entropy``; the teacher is frozen.
 
-    The teacher is put in eval mode and sees the student's inputs, without gradients.
+    The teacher is put in eval mode and sees the student's inputs (fed by ``task``), without
+    gradients. For a task whose outputs are not class logits (``embedding``), the loss is the
+    task's own against the teacher's outputs: matching them is what distillation means there.
     """
+    from compressflow.task import default_task
+
+    task = task or default_task()
     teacher.eval()
 
-    def loss(outputs: torch.Tensor, targets: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    def loss(outputs: torch.Tensor, targets, inputs) -> torch.Tensor:
         with torch.no_grad():
-            teacher_logits = teacher(inputs)
-        soft = soft_kl(outputs, teacher_logits, temperature)
+            teacher_outputs = task.predict(teacher, inputs)
+        if task.name != "classification":
+            return task.loss(outputs, targets, teacher_outputs)
+        soft = soft_kl(outputs, teacher_outputs, temperature)
         return alpha * soft + (1 - alpha) * F.cross_entropy(outputs, targets)
 
     return loss

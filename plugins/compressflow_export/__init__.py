@@ -53,13 +53,14 @@ class PackedExport(Stage):
         path = ctx.workdir / self.params.filename
         report = save_packed(model, path, self.params.options())
         rebuilt = load_packed(path, like=model)
-        verify_same(model, rebuilt, ctx.data.val)
+        verify_same(model, rebuilt, ctx.data.val, ctx.task)
         table = ctx.workdir / "packed_layout.md"  # tensor by tensor: encoding, bits, bytes
         table.write_text(report.table())
-        metrics = {"compressed_bytes": path.stat().st_size,
-                   **{f"packed_{part}_bytes": size for part, size in report.parts.items()}}
+        packed = path.stat().st_size
+        metrics = {f"packed_{part}_bytes": size for part, size in report.parts.items()}
         return StageResult(rebuilt, metrics=metrics, artifacts={"packed": path, "packed_layout": table},
-                           notes=[f"packed file {metrics['compressed_bytes']:,} bytes; the model "
+                           packed_bytes=packed,
+                           notes=[f"packed file {packed:,} bytes; the model "
                                   "passed on is rebuilt from it (outputs bit-identical)"])
 
 

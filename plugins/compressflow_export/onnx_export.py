@@ -2,15 +2,17 @@
 
 The exported graph has a dynamic batch axis (input ``input``, output ``output``), all weights
 inside the one ``.onnx`` file. Parity is the largest absolute difference between torch's and
-onnxruntime's outputs over the whole validation split; latency is onnxruntime's median for
-batches of 1 and 64 after warm-up, on ``threads`` intra-op threads, like compressflow.measure.
+onnxruntime's outputs over the whole validation split. Latency: the onnxruntime session and the
+torch model are timed interleaved, round by round, in one window
+(:func:`compressflow.timing.time_interleaved`), for batches of 1 and 64 after warm-up, both on
+``threads`` threads (onnxruntime's intra-op threads, torch's threads); ``onnx_latency_ms_b*`` is
+onnxruntime's median, ``onnx_speedup_b*`` the median of the per-round ratios torch ms /
+onnxruntime ms (above 1: onnxruntime is faster).
 """
 
 from __future__ import annotations
 
 import logging
-import statistics
-import time
 import warnings
 from pathlib import Path
 
@@ -19,6 +21,7 @@ import torch
 from torch import nn
 
 from compressflow import DataBundle, StageFailed
+from compressflow.timing import Timings, time_interleaved
 
 
 def quantized_layers(model: nn.Module) -> list[str]:
@@ -83,17 +86,13 @@ def max_abs_diff(model: nn.Module, sess, loader) -> float:
     return worst
 
 
-def latency_ms(sess, example: np.ndarray, warmup: int, repeats: int) -> float:
-    """Median milliseconds of one onnxruntime run after ``warmup`` runs."""
-    feed = {"input": example}
-    for _ in range(warmup):
-        sess.run(None, feed)
-    timings = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        sess.run(None, feed)
-        timings.append(time.perf_counter() - start)
-    return statistics.median(timings) * 1000.0
+def time_against_torch(model: nn.Module, sess, example: torch.Tensor, *, threads: int,
+                       warmup: int, rounds: int) -> Timings:
+    """``torch`` (the model) and ``onnx`` (the session) on ``example``, timed interleaved."""
+    feed = {"input": example.numpy()}
+    model.eval()
+    return time_interleaved({"torch": lambda: model(example), "onnx": lambda: sess.run(None, feed)},
+                            rounds=rounds, warmup=warmup, threads=threads)
 
 
 def export_and_check(model: nn.Module, data: DataBundle, path: Path, *, opset: int | None,
@@ -101,10 +100,13 @@ def export_and_check(model: nn.Module, data: DataBundle, path: Path, *, opset: i
     """Export, then measure parity and latency: the stage's metrics."""
     export(model, data.example_input(2), path, opset)
     sess = session(path, threads)
-    return {
+    metrics: dict[str, float] = {
         "onnx_bytes": path.stat().st_size,
         "onnx_max_abs_diff": max_abs_diff(model, sess, data.val),
-        "onnx_latency_ms_b1": latency_ms(sess, data.example_input(1).numpy(), warmup, repeats),
-        "onnx_latency_ms_b64": latency_ms(sess, data.example_input(64).numpy(), warmup,
-                                          max(3, repeats // 3)),
     }
+    for batch, rounds in ((1, repeats), (64, max(3, repeats // 3))):
+        timings = time_against_torch(model, sess, data.example_input(batch), threads=threads,
+                                     warmup=warmup, rounds=rounds)
+        metrics[f"onnx_latency_ms_b{batch}"] = timings.spread("onnx").median
+        metrics[f"onnx_speedup_b{batch}"] = timings.speedup("torch", "onnx").median
+    return metrics

@@ -445,14 +445,19 @@ def load_packed(path: str | Path, like: nn.Module) -> nn.Module:
     return model
 
 
-def verify_same(model: nn.Module, rebuilt: nn.Module, loader) -> None:
-    """Raise unless ``rebuilt`` has ``model``'s tensors and bit-identical outputs on ``loader``."""
+def verify_same(model: nn.Module, rebuilt: nn.Module, loader, task=None) -> None:
+    """Raise unless ``rebuilt`` has ``model``'s tensors and bit-identical outputs on ``loader``
+    (batches split and fed by ``task``)."""
+    from compressflow.task import Task
+
+    task = task or Task()
     for (name, a), b in zip(model.state_dict().items(), rebuilt.state_dict().values()):
         if a.dtype != b.dtype or a.shape != b.shape or not torch.equal(a, b):
             raise RuntimeError(f"packed round trip changed tensor '{name}'")
     model.eval()
     rebuilt.eval()
     with torch.inference_mode():
-        for inputs, _ in loader:
-            if not torch.equal(model(inputs), rebuilt(inputs)):
+        for batch in loader:
+            inputs, _ = task.split(batch)
+            if not torch.equal(task.predict(model, inputs), task.predict(rebuilt, inputs)):
                 raise RuntimeError("the model rebuilt from the packed file gives other outputs")

@@ -17,11 +17,13 @@ ZOO_ARGS = {
     "mlp": {"in_features", "hidden", "num_classes"},
     "cnn": {"channels", "hidden", "num_classes"},
     "resnet": {"width", "blocks", "num_classes"},
+    "lenet5": {"num_classes"},
 }
 
 
 class ZooSource(ModelSource):
-    """``zoo:mlp``, ``zoo:cnn``, ``zoo:resnet``: small models for 64 features or 1x8x8 images."""
+    """``zoo:mlp``, ``zoo:cnn``, ``zoo:resnet``: small models for 64 features or 1x8x8 images;
+    ``zoo:lenet5``: the paper's LeNet-5 for 1x28x28 (MNIST)."""
 
     def check(self, reference: str, args: dict[str, Any], ctx: SourceContext) -> None:
         if reference not in ZOO_ARGS:

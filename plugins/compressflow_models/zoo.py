@@ -1,4 +1,5 @@
-"""Small models for the bundled digits (64 features, or one 8x8 channel).
+"""Small models for the bundled digits (64 features, or one 8x8 channel), and the paper's
+LeNet-5 for 28x28 MNIST (LeNet-300-100 is ``mlp`` with in_features 784, hidden [300, 100]).
 
 Each declares ``input_shape`` (one sample), which tells a dataset how to shape its inputs.
 """
@@ -87,4 +88,27 @@ class ResNet(nn.Module):
         return self.fc(self.pool(out).flatten(1))
 
 
-BUILDERS = {"mlp": MLP, "cnn": CNN, "resnet": ResNet}
+class LeNet5(nn.Module):
+    """Caffe's LeNet-5 as Deep Compression (Han et al. 2016, Table 1) prunes it: conv 1->20
+    5x5, max-pool 2, conv 20->50 5x5, max-pool 2, Linear 800->500, ReLU, Linear 500->10.
+
+    No nonlinearity after the convolutions (Caffe's lenet_train_test.prototxt has none);
+    431,080 parameters. Input 1x28x28; flat 784-feature inputs are reshaped.
+    """
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.input_shape = (1, 28, 28)
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 20, 5), nn.MaxPool2d(2),   # 28 -> 24 -> 12
+            nn.Conv2d(20, 50, 5), nn.MaxPool2d(2),  # 12 -> 8 -> 4
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(50 * 4 * 4, 500), nn.ReLU(), nn.Linear(500, num_classes)
+        )
+
+    def forward(self, x):
+        return self.classifier(self.features(x.view(-1, 1, 28, 28)))
+
+
+BUILDERS = {"mlp": MLP, "cnn": CNN, "resnet": ResNet, "lenet5": LeNet5}

@@ -184,6 +184,7 @@ class PruneStage(Stage):
     def run(self, model, ctx):
         from compressflow_prune.schedule import run_prune
 
+        self.task = ctx.task  # the criteria's loss and every forward pass go through it
         return run_prune(self, model, ctx)
 
     def importance(self, model, layers, batches):
@@ -225,7 +226,7 @@ class TaylorPrune(PruneStage):
     def importance(self, model, layers, batches):
         from compressflow_prune.criteria import taylor_scores
 
-        return taylor_scores(model, layers, batches)
+        return taylor_scores(model, layers, batches, self.task)
 
 
 class OBDPrune(PruneStage):
@@ -236,7 +237,7 @@ class OBDPrune(PruneStage):
     def importance(self, model, layers, batches):
         from compressflow_prune.criteria import obd_scores
 
-        return obd_scores(model, layers, batches)
+        return obd_scores(model, layers, batches, self.task)
 
 
 class LeastSquaresPrune(PruneStage):
@@ -254,7 +255,8 @@ class LeastSquaresPrune(PruneStage):
         from compressflow_prune.obs import least_squares_prune
 
         return least_squares_prune(model, layers, plan, batches,
-                                   global_scores=self.importance if plan.pool else None)
+                                   global_scores=self.importance if plan.pool else None,
+                                   feed=self.task.feed)
 
 
 @hookimpl

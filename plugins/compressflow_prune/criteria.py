@@ -1,7 +1,7 @@
 """Importance of each weight: magnitude, first-order Taylor, and OBD with the empirical Fisher.
 
 Every score has its weight's shape; the lowest are pruned first. Taylor and OBD estimate the
-increase of the mean cross-entropy when a weight is zeroed, so their scores are in the same
+increase of the task's mean loss (cross-entropy for classification) when a weight is zeroed, so their scores are in the same
 units in every layer and can be ranked across layers as they are. Gradients are taken with the
 model in eval mode (BatchNorm on its running statistics, no dropout); the model's weights and
 its ``.grad`` fields are left as they were.
@@ -13,23 +13,26 @@ from itertools import islice
 from typing import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-Batches = list[tuple[torch.Tensor, torch.Tensor]]
+from compressflow.task import Task, batch_len, call_args, default_task, map_inputs, take
+
+Batches = list[tuple]
+"""``(inputs, targets)`` pairs, split by the task: inputs a tensor, tuple or dict of tensors."""
 
 
-def calibration_batches(data, count: int, seed: int) -> Batches:
-    """``count`` batches: from the data's calibration loader when it holds that many, else
-    from the training split shuffled with ``seed`` (at most one pass over it)."""
+def calibration_batches(data, count: int, seed: int, task: Task | None = None) -> Batches:
+    """``count`` batches as ``(inputs, targets)``: from the data's calibration loader when it
+    holds that many, else from the training split shuffled with ``seed`` (at most one pass)."""
     from torch.utils.data import DataLoader
 
+    task = task or Task()
     if len(data.calibration) >= count:
-        return list(islice(data.calibration, count))
+        return [task.split(b) for b in islice(data.calibration, count)]
     train = data.train
     loader = DataLoader(train.dataset, batch_size=train.batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(seed))
-    return list(islice(loader, count))
+                        collate_fn=train.collate_fn, generator=torch.Generator().manual_seed(seed))
+    return [task.split(b) for b in islice(loader, count)]
 
 
 def magnitude_scores(layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
@@ -60,18 +63,19 @@ def _require(batches: Iterable) -> None:
 
 
 def taylor_scores(model: nn.Module, layers: dict[str, nn.Module],
-                  batches: Batches) -> dict[str, torch.Tensor]:
-    """|w * dL/dw| of the mean cross-entropy, averaged over the calibration batches.
+                  batches: Batches, task: Task | None = None) -> dict[str, torch.Tensor]:
+    """|w * dL/dw| of the task's mean loss, averaged over the calibration batches.
 
     Each batch's term is taken in absolute value before averaging: at a trained minimum the
     full-data gradient is ~0, while each batch's still says which weights the loss leans on.
     """
     _require(batches)
+    task = task or default_task()
     weights = {n: m.weight for n, m in layers.items()}
     sums = {n: torch.zeros_like(w, dtype=torch.float64) for n, w in weights.items()}
     with _EvalMode(model):
         for inputs, targets in batches:
-            loss = F.cross_entropy(model(inputs), targets)
+            loss = task.loss(task.predict(model, inputs), targets)
             grads = torch.autograd.grad(loss, list(weights.values()), allow_unused=True)
             for (name, weight), grad in zip(weights.items(), grads):
                 if grad is not None:
@@ -80,30 +84,32 @@ def taylor_scores(model: nn.Module, layers: dict[str, nn.Module],
 
 
 def fisher_diagonal(model: nn.Module, layers: dict[str, nn.Module],
-                    batches: Batches) -> dict[str, torch.Tensor]:
+                    batches: Batches, task: Task | None = None) -> dict[str, torch.Tensor]:
     """The empirical Fisher's diagonal: mean over samples of each weight's squared per-sample
-    gradient of the cross-entropy (``torch.func.vmap``; one backward a sample where vmap cannot
+    gradient of the task's loss (``torch.func.vmap``; one backward a sample where vmap cannot
     run the model). It estimates the Hessian's diagonal of the mean loss near a minimum."""
     _require(batches)
+    task = task or default_task()
     names = {id(m.weight): n for n, m in layers.items()}
     sums = {n: torch.zeros_like(m.weight, dtype=torch.float64) for n, m in layers.items()}
     seen = 0
     with _EvalMode(model):
         for inputs, targets in batches:
-            for name, squares in _squared_sample_grads(model, names, inputs, targets).items():
+            for name, squares in _squared_sample_grads(model, names, inputs, targets, task).items():
                 sums[name] += squares
-            seen += len(targets)
+            seen += batch_len(inputs)
     return {n: s / seen for n, s in sums.items()}
 
 
-def obd_scores(model: nn.Module, layers: dict[str, nn.Module], batches: Batches) -> dict[str, torch.Tensor]:
+def obd_scores(model: nn.Module, layers: dict[str, nn.Module], batches: Batches,
+               task: Task | None = None) -> dict[str, torch.Tensor]:
     """1/2 * w^2 * H_ii, H_ii from :func:`fisher_diagonal` (Optimal Brain Damage)."""
-    fisher = fisher_diagonal(model, layers, batches)
+    fisher = fisher_diagonal(model, layers, batches, task)
     return {n: 0.5 * m.weight.detach().double() ** 2 * fisher[n] for n, m in layers.items()}
 
 
-def _squared_sample_grads(model: nn.Module, names: dict[int, str], inputs: torch.Tensor,
-                          targets: torch.Tensor) -> dict[str, torch.Tensor]:
+def _squared_sample_grads(model: nn.Module, names: dict[int, str], inputs, targets,
+                          task: Task) -> dict[str, torch.Tensor]:
     """Sum over the batch of each sample's squared gradient, for the weights in ``names``."""
     from torch.func import functional_call, grad, vmap
 
@@ -113,8 +119,9 @@ def _squared_sample_grads(model: nn.Module, names: dict[int, str], inputs: torch
     by_param = {n: names[id(p)] for n, p in model.named_parameters() if id(p) in names}
 
     def sample_loss(values, x, y):
-        out = functional_call(model, {**fixed, **values}, (x.unsqueeze(0),))
-        return F.cross_entropy(out, y.unsqueeze(0))
+        args, kwargs = call_args(map_inputs(lambda t: t.unsqueeze(0), x))
+        out = functional_call(model, {**fixed, **values}, args, kwargs)
+        return task.loss(task.prediction(out), y.unsqueeze(0))
 
     try:
         grads = vmap(grad(sample_loss), in_dims=(None, 0, 0))(chosen, inputs, targets)
@@ -122,8 +129,9 @@ def _squared_sample_grads(model: nn.Module, names: dict[int, str], inputs: torch
     except Exception:  # an op vmap cannot batch: one backward pass per sample
         params = [p for p in model.parameters() if id(p) in names]
         sums = {names[id(p)]: torch.zeros_like(p, dtype=torch.float64) for p in params}
-        for x, y in zip(inputs, targets):
-            loss = F.cross_entropy(model(x.unsqueeze(0)), y.unsqueeze(0))
+        for index in range(batch_len(inputs)):
+            one, y = take(inputs, index, index + 1), targets[index:index + 1]
+            loss = task.loss(task.predict(model, one), y)
             for param, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True)):
                 if g is not None:
                     sums[names[id(param)]] += g.double() ** 2

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compressflow.task import call
+
 from compressflow_prune.masks import Plan, forced_first, n_m_mask, prune_counts
 
 BLOCK_SIZE = 128
@@ -58,7 +60,7 @@ def layer_columns(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     return patches.transpose(0, 1).reshape(patches.shape[1], -1)
 
 
-def forward_order(model: nn.Module, layers: dict[str, nn.Module], inputs: torch.Tensor) -> list[str]:
+def forward_order(model: nn.Module, layers: dict[str, nn.Module], inputs, feed=call) -> list[str]:
     """The layers' names in the order the forward pass first runs them."""
     order: list[str] = []
     was_training = model.training
@@ -67,7 +69,7 @@ def forward_order(model: nn.Module, layers: dict[str, nn.Module], inputs: torch.
                for n, m in layers.items()]
     try:
         with torch.no_grad():
-            model(inputs)
+            feed(model, inputs)
     finally:
         model.train(was_training)
         for handle in handles:
@@ -80,7 +82,7 @@ def forward_order(model: nn.Module, layers: dict[str, nn.Module], inputs: torch.
 
 
 def input_hessians(model: nn.Module, layers: dict[str, nn.Module], batches,
-                   stop_after: str | None = None) -> dict[str, torch.Tensor]:
+                   stop_after: str | None = None, feed=call) -> dict[str, torch.Tensor]:
     """H = X X^T / samples (float64) of each layer's calibration inputs; with ``stop_after``,
     each forward pass ends once that layer ran."""
     sums: dict[str, torch.Tensor] = {}
@@ -101,7 +103,7 @@ def input_hessians(model: nn.Module, layers: dict[str, nn.Module], batches,
         with torch.no_grad():
             for inputs, _targets in batches:
                 try:
-                    model(inputs)
+                    feed(model, inputs)
                 except _Stop:
                     pass
     finally:
@@ -197,7 +199,7 @@ def relative_error(weight: torch.Tensor, new: torch.Tensor, hessian: torch.Tenso
 
 
 def least_squares_prune(model: nn.Module, layers: dict[str, nn.Module], plan: Plan, batches,
-                        global_scores=None) -> dict[str, dict[str, float]]:
+                        global_scores=None, feed=call) -> dict[str, dict[str, float]]:
     """Prune every planned layer with :func:`sparsegpt`, in forward order, each on inputs through
     the already-pruned earlier layers. ``global_scores(model, layers, batches)`` ranks the pool
     (``scope: global``) before any layer changes: it sets how many weights each layer loses.
@@ -210,9 +212,9 @@ def least_squares_prune(model: nn.Module, layers: dict[str, nn.Module], plan: Pl
             n: torch.zeros(m.weight.shape) for n, m in planned.items()}
         counts = prune_counts(forced_first(scores, planned), plan)
     records = {}
-    for name in forward_order(model, planned, batches[0][0]):
+    for name in forward_order(model, planned, batches[0][0], feed):
         module = planned[name]
-        hessian = input_hessians(model, {name: module}, batches, stop_after=name)[name]
+        hessian = input_hessians(model, {name: module}, batches, stop_after=name, feed=feed)[name]
         weight = module.weight.detach().flatten(1)
         new, keep = sparsegpt(weight, hessian, count=counts.get(name), n_m=plan.n_m,
                               forced=weight == 0)

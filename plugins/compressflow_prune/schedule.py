@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from compressflow import StageResult
+from compressflow.task import batch_len
 from compressflow.training import fit
 from compressflow_prune.criteria import calibration_batches
 from compressflow_prune.masks import Plan, layer_table, make_plan, prunable_layers
@@ -42,10 +43,11 @@ def run_prune(stage: PruneStage, model: nn.Module, ctx: StageContext) -> StageRe
     params = stage.params
     layers = prunable_layers(model, params.include, params.exclude)
     plan = make_plan(layers, params.final_sparsity, params.scope, params.per_layer, params.n_m)
-    batches = calibration_batches(ctx.data, params.calibration_batches, ctx.seed) if stage.needs_data else []
+    batches = (calibration_batches(ctx.data, params.calibration_batches, ctx.seed, ctx.task)
+               if stage.needs_data else [])
     metrics = {"target_sparsity": plan.overall(layers)}
     if batches:
-        metrics["calibration_samples"] = float(sum(len(targets) for _, targets in batches))
+        metrics["calibration_samples"] = float(sum(batch_len(inputs) for inputs, _ in batches))
     if params.schedule == "oneshot":
         records = stage.prune_layers(model, layers, plan, batches) or {}
     else:

@@ -106,8 +106,8 @@ class StaticInt8(Stage):
 
         p = self.params
         data = ctx.data
-        quantized, seen = quantize_static(model, data.calibration, data.example_input(2),
-                                          p.backend, p.exclude, p.calibration_batches)
+        quantized, seen = quantize_static(model, data.calibration, data.example_input(2, ctx.task),
+                                          p.backend, p.exclude, p.calibration_batches, ctx.task)
         layers = quantized_layers(quantized)
         return StageResult(quantized, metrics={"quantized_layers": len(layers),
                                                "calibration_samples": seen},

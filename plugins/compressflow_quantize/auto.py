@@ -9,9 +9,13 @@ Candidates (each built from a copy of the stage's input model):
 - ``torchao-int8-dynamic``: torchao ``quantize_`` with ``Int8DynamicActivationInt8WeightConfig``.
 
 Every candidate is evaluated with the pipeline's task metric, timed with
-:func:`compressflow.measure.latency_ms` (same threads, warm-up and repeats for all; the
-candidates are timed in turns, ``rounds`` times, and each figure is the median of its rounds)
-and checked to survive MLflow's pickling (what ``mlflow.pytorch.log_model`` and
+:func:`compressflow.timing.time_interleaved`: all working candidates, fp32 among them, in one
+window per batch size (1 and 64), round by round, the order alternating, on the same threads
+after the same warm-up; ``rounds * repeats`` rounds at batch 1 and ``rounds * max(3, repeats //
+3)`` at batch 64 (as many timed calls as ``rounds`` turns of ``repeats`` calls each). A
+latency is the median of the candidate's rounds; its speedup is the median (and IQR) of the
+per-round ratios fp32 ms / candidate ms, so load that hits a round hits both alike. It is
+checked to survive MLflow's pickling (what ``mlflow.pytorch.log_model`` and
 ``load_model`` do) and the engine's measurement (params, MACs). A candidate that fails to
 build or run is listed as failed, with its error; one that cannot be reloaded or measured is
 listed, timed, and not chosen. Nothing is assumed about which
@@ -23,7 +27,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import statistics
 import time
 import warnings
 from contextlib import contextmanager
@@ -34,7 +37,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import torch
 from torch import nn
 
-from compressflow.measure import count_macs, count_params, latency_ms, size_bytes
+from compressflow.measure import count_macs, count_params, size_bytes
+from compressflow.timing import Spread, time_interleaved
 
 if TYPE_CHECKING:
     from compressflow import StageContext
@@ -56,6 +60,8 @@ class Candidate:
     drop: float | None = None
     latency_ms_b1: float | None = None
     latency_ms_b64: float | None = None
+    speedup_b1: Spread | None = None  # per-round fp32 ms / this ms, timed interleaved with fp32
+    speedup_b64: Spread | None = None
     size_bytes: int | None = None
     build_s: float | None = None
     reloads: bool | None = None
@@ -192,27 +198,57 @@ def mark_eligible(candidates: list[Candidate], baseline: float, higher_is_better
         cand.eligible = cand.status == OK and cand.drop is not None and cand.drop <= max_drop + 1e-12
 
 
+class _CallFailed(Exception):
+    """A candidate's forward pass raised while it was being timed."""
+
+    def __init__(self, cand: Candidate, error: BaseException):
+        super().__init__(cand.name)
+        self.cand, self.error = cand, error
+
+
+def _forward(cand: Candidate, example: torch.Tensor) -> Callable[[], object]:
+    model = cand.model
+
+    def call() -> object:
+        try:
+            return model(example)
+        except Exception as error:
+            raise _CallFailed(cand, error) from error
+
+    return call
+
+
 def time_candidates(candidates: list[Candidate], ctx: StageContext, threads: int, warmup: int,
                     repeats: int, rounds: int) -> None:
-    """Median latency at batch 1 and 64 of every working candidate, measured in turns."""
+    """Latency at batch 1 and 64 of every working candidate, all timed interleaved with fp32
+    in one window per batch size; speedups are per-round ratios to fp32."""
     data = ctx.data
-    b1, b64 = data.example_input(1), data.example_input(64)
     timed = [c for c in candidates if c.model is not None]
-    samples: dict[str, dict[int, list[float]]] = {c.name: {1: [], 64: []} for c in timed}
-    for _ in range(rounds):
-        for cand in timed:
-            for batch, example in ((1, b1), (64, b64)):
-                try:
-                    samples[cand.name][batch].append(latency_ms(
-                        cand.model, example, threads=threads, warmup=warmup,
-                        repeats=repeats if batch == 1 else max(3, repeats // 3)))
-                except Exception as error:  # a kernel missing for one batch shape, say
-                    cand.status, cand.error, cand.eligible = FAILED, _error(error), False
     for cand in timed:
-        if samples[cand.name][1] and samples[cand.name][64] and cand.status != FAILED:
-            cand.latency_ms_b1 = statistics.median(samples[cand.name][1])
-            cand.latency_ms_b64 = statistics.median(samples[cand.name][64])
-        else:
+        cand.model.eval()
+    for batch, per_turn in ((1, repeats), (64, max(3, repeats // 3))):
+        example = data.example_input(batch)
+        while True:
+            alive = [c for c in timed if c.status != FAILED]
+            if not alive:
+                break
+            try:
+                timings = time_interleaved({c.name: _forward(c, example) for c in alive},
+                                           rounds=rounds * per_turn, warmup=warmup,
+                                           threads=threads)
+            except _CallFailed as failed:  # a kernel missing for one batch shape, say
+                cand = failed.cand
+                cand.status, cand.error, cand.eligible = FAILED, _error(failed.error), False
+                continue  # the window again, without it
+            break
+        for cand in alive:
+            setattr(cand, f"latency_ms_b{batch}", timings.spread(cand.name).median)
+            if "fp32" in timings.samples:
+                setattr(cand, f"speedup_b{batch}", timings.speedup("fp32", cand.name))
+    for cand in timed:
+        if cand.status == FAILED or cand.latency_ms_b1 is None or cand.latency_ms_b64 is None:
+            cand.latency_ms_b1 = cand.latency_ms_b64 = None
+            cand.speedup_b1 = cand.speedup_b64 = None
             cand.eligible = False
 
 
@@ -232,15 +268,22 @@ def table_markdown(candidates: list[Candidate], metric: str, max_drop: float,
     """auto's table: one row a candidate, the chosen one marked."""
     fp32 = next((c for c in candidates if c.name == "fp32" and c.latency_ms_b1), None)
 
-    def speedup(c: Candidate, key: str):
-        return getattr(fp32, key) / getattr(c, key) if fp32 and getattr(c, key) else None
+    def speedup(c: Candidate, batch: int) -> str:
+        spread = getattr(c, f"speedup_b{batch}")
+        if spread is not None:
+            return f"{spread.median:.2f} ({spread.q1:.2f}-{spread.q3:.2f})"
+        key = f"latency_ms_b{batch}"  # figures set by hand: the ratio of the medians
+        by_hand = getattr(fp32, key) / getattr(c, key) if fp32 and getattr(c, key) else None
+        return num(by_hand, ".2f")
 
     def num(value, fmt):
         return "" if value is None else format(value, fmt)
 
     lines = [
         f"quantize/auto: fastest by {optimize_for} among candidates whose {metric} drops by at "
-        f"most {max_drop} from the input model; latencies are medians measured on this machine.",
+        f"most {max_drop} from the input model; latencies are medians measured on this machine, "
+        "every candidate timed interleaved with fp32 in one window; speedups are the medians of "
+        "the per-round ratios fp32 ms / candidate ms, their IQR in parentheses.",
         "",
         f"| candidate | status | {metric} | drop | latency_ms_b1 | latency_ms_b64 | "
         "speedup_b1_vs_fp32 | speedup_b64_vs_fp32 | size_bytes | reloads | eligible | chosen | error |",
@@ -250,7 +293,7 @@ def table_markdown(candidates: list[Candidate], metric: str, max_drop: float,
         lines.append(" | ".join([
             f"| {c.name}", c.status, num(c.metric, ".4f"), num(c.drop, "+.4f"),
             num(c.latency_ms_b1, ".4f"), num(c.latency_ms_b64, ".4f"),
-            num(speedup(c, "latency_ms_b1"), ".2f"), num(speedup(c, "latency_ms_b64"), ".2f"),
+            speedup(c, 1), speedup(c, 64),
             num(c.size_bytes, "d"), "" if c.reloads is None else ("yes" if c.reloads else "no"),
             "yes" if c.eligible else "no", "**yes**" if c.chosen else "", c.error]) + " |")
     return "\n".join(lines) + "\n"
@@ -278,6 +321,9 @@ def auto_quantize(model: nn.Module, ctx: StageContext, p) -> tuple[nn.Module, di
             value = getattr(c, figure)
             if value is not None:
                 ctx.log_metric(f"auto.{c.name}.{metric if figure == 'metric' else figure}", value)
+        for figure in ("speedup_b1", "speedup_b64"):  # the median of the per-round ratios
+            if getattr(c, figure) is not None:
+                ctx.log_metric(f"auto.{c.name}.{figure}", getattr(c, figure).median)
     table = table_markdown(candidates, metric, p.max_metric_drop, p.optimize_for)
     workdir = Path(ctx.workdir)
     md = workdir / "quantize_auto.md"
@@ -290,13 +336,18 @@ def auto_quantize(model: nn.Module, ctx: StageContext, p) -> tuple[nn.Module, di
 
     key = "latency_ms_b1" if p.optimize_for == "latency_b1" else "latency_ms_b64"
     fp32 = next(c for c in candidates if c.name == "fp32")
-    speedup = getattr(fp32, key) / getattr(chosen, key)
+    spread = getattr(chosen, key.replace("latency_ms", "speedup"))
+    if spread is None:  # fp32 itself did not run through the window
+        base = getattr(fp32, key)
+        spread = Spread.of([base / getattr(chosen, key) if base else float("nan")])
+    speedup = spread.median
     rest = [f"{c.name} {c.status}" + (f" ({getattr(c, key):.4g} ms, drop {c.drop:+.4f})"
                                       if getattr(c, key) is not None and c.drop is not None else
                                       f" ({c.error})")
             for c in candidates if c is not chosen]
     note = (f"auto chose {chosen.name}: the fastest by {p.optimize_for} ({getattr(chosen, key):.4g} ms, "
-            f"{speedup:.2f}x fp32) among candidates whose {metric} drops by at most "
+            f"{speedup:.2f}x fp32, IQR {spread.q1:.2f}-{spread.q3:.2f}) among candidates "
+            f"whose {metric} drops by at most "
             f"{p.max_metric_drop} (its drop {chosen.drop:+.4f}); others: {'; '.join(rest)}")
     metrics = {
         "auto_candidates": len(candidates),

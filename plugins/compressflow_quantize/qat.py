@@ -60,8 +60,8 @@ def quantization_aware_training(model: nn.Module, ctx: StageContext, params, bac
     from compressflow.training import fit
 
     data = ctx.data
-    prepared = prepare_qat(model, data.example_input(2), backend, exclude)
-    calibrate(prepared, data.calibration)
+    prepared = prepare_qat(model, data.example_input(2, ctx.task), backend, exclude)
+    calibrate(prepared, data.calibration, task=ctx.task)
     observing = [True]
     set_observers(prepared, False)
     metrics: dict[str, float] = {

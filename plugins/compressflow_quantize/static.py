@@ -135,16 +135,21 @@ def prepare_qat(model: nn.Module, example: torch.Tensor, backend: str = "x86",
     return _traced(prepare_qat_fx, model, mapping, (example,))
 
 
-def calibrate(prepared: nn.Module, loader, batches: int | None = None) -> int:
-    """Run calibration batches through the observers; returns the samples seen."""
+def calibrate(prepared: nn.Module, loader, batches: int | None = None, task=None) -> int:
+    """Run calibration batches (split and fed by ``task``) through the observers; returns
+    the samples seen."""
+    from compressflow.task import Task, batch_len
+
+    task = task or Task()
     seen = 0
     prepared.eval()
     with torch.no_grad(), quiet():
-        for index, (inputs, _targets) in enumerate(loader):
+        for index, batch in enumerate(loader):
             if batches is not None and index >= batches:
                 break
-            prepared(inputs)
-            seen += len(inputs)
+            inputs, _targets = task.split(batch)
+            task.feed(prepared, inputs)
+            seen += batch_len(inputs)
     return seen
 
 
@@ -158,10 +163,11 @@ def convert(prepared: nn.Module) -> nn.Module:
 
 
 def quantize_static(model: nn.Module, calibration, example: torch.Tensor, backend: str = "x86",
-                    exclude: Iterable[str] = (), batches: int | None = None) -> tuple[nn.Module, int]:
+                    exclude: Iterable[str] = (), batches: int | None = None,
+                    task=None) -> tuple[nn.Module, int]:
     """Prepare, calibrate on ``calibration``, convert; returns the model and samples seen."""
     prepared = prepare_static(model, example, backend, exclude)
-    seen = calibrate(prepared, calibration, batches)
+    seen = calibrate(prepared, calibration, batches, task)
     if not seen:
         raise ConfigError("static-int8: the calibration loader gave no batch",
                           "raise data.calibration_batches")

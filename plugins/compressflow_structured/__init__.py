@@ -71,6 +71,7 @@ class DepGraphPrune(Stage):
     """Remove channels through torch-pruning's dependency graph (DepGraph)."""
 
     kind = "structured_prune"
+    tasks = ("classification",)  # its importance criteria score the cross-entropy
     method = "depgraph"
     default = True
     Params = StructuredParams

@@ -58,7 +58,7 @@ class Finetune(Stage):
             from compressflow_distill.losses import logits_kd_loss
 
             teacher = ctx.model_at(self.params.teacher)
-            loss_fn = logits_kd_loss(teacher, self.params.temperature, self.params.alpha)
+            loss_fn = logits_kd_loss(teacher, self.params.temperature, self.params.alpha, ctx.task)
         history = fit(model, ctx.data, self.params, ctx, loss_fn=loss_fn,
                       freeze_zeros=self.params.keep_zeros)
         return StageResult(model, metrics=_last(history))

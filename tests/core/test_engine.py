@@ -26,6 +26,13 @@ from tests.conftest import write_pipeline
     ([{"distill": {"teacher": "later"}}, {"name": "later", "train": {}}], {}, ["names no earlier stage"]),
     ([{"train": {"epochs": 1}, "data": {"batch_size": 0}}], {}, ["stage '0-train'", "batch_size"]),
     ([{"distill": {"student": {"source": "zoo:transformer"}}}], {}, ["unknown zoo model 'transformer'"]),
+    ([{"train": {"epochs": 1}}], {"task": "translation"}, ["unknown task 'translation'", "known: causal-lm"]),
+    ([{"train": {"epochs": 1}}], {"task": "embedding", "evaluation": {"metric": "accuracy"}},
+     ["metric 'accuracy' for task 'embedding'", "cosine_mean"]),
+    ([{"train": {"epochs": 1}}], {"task": "regression"}, ["dataset 'digits' serves task(s) classification"]),
+    ([{"structured_prune": {"ratio": 0.5}}], {"task": {"name": "embedding"}, "data": {"dataset": "synthetic"}},
+     ["dataset 'synthetic' serves task(s) classification"]),
+    ([{"train": {"epochs": 1}}], {"task": {"name": "classification", "window": 5}}, ["task 'classification'", "unknown key 'window'"]),
 ])
 def test_bad_input_named_before_anything_runs(tmp_path, stages, extra, words):
     path = write_pipeline(tmp_path, stages, **extra)
@@ -138,3 +145,86 @@ def test_stage_error_hook(tmp_path, store):
         _run(path, store, recorder)
     assert ("stage_error", "broken", "ValueError") in recorder.calls
     assert recorder.calls[-1][:2] == ("pipeline_end", "FAILED")
+
+
+def test_a_metric_registered_for_other_tasks_does_not_fit(tmp_path):
+    class Extra:
+        @hookimpl
+        def register_metrics(self, registry):
+            registry.add("bleu", lambda model, loader: 0.0, tasks=("translation",))
+
+    path = write_pipeline(tmp_path, [{"train": {"epochs": 1}}], evaluation={"extra": ["bleu"]})
+    with pytest.raises(ConfigError, match=r"test.yaml:\d+: metric 'bleu' does not fit task 'classification'"):
+        validate(path, plugins=load_plugins(extra=[("extra", Extra())]))
+
+
+def test_a_stage_serving_other_tasks_is_refused(tmp_path):
+    from compressflow import Stage, StageResult
+
+    class OnlyRegression(Stage):
+        kind, method, tasks = "shrink", "regression-only", ("regression",)
+
+        def run(self, model, ctx):
+            return StageResult(model)
+
+    class Plugin:
+        @hookimpl
+        def register_stages(self, registry):
+            registry.add(OnlyRegression)
+
+    path = write_pipeline(tmp_path, [{"shrink": {}}])
+    with pytest.raises(ConfigError, match="shrink/regression-only serves task.s. regression, not 'classification'"):
+        validate(path, plugins=load_plugins(extra=[("only", Plugin())]))
+
+
+class LegacyPlugin:
+    """Written against the API before tasks: a factory dataset, a stage, a stage_end observer."""
+
+    def __init__(self):
+        self.ended = []
+
+    @hookimpl
+    def register_datasets(self, registry):
+        def tiny(spec, seed, input_shape):
+            from compressflow_data.loaders import make_bundle
+            from sklearn.datasets import load_digits
+
+            x, y = load_digits(return_X_y=True)
+            return make_bundle(x[:400], y[:400], spec, seed, (64,))
+
+        registry.add("tiny-digits", tiny)
+
+    @hookimpl
+    def stage_end(self, stage, result):
+        self.ended.append((stage.name, result.metrics["accuracy"]))
+
+
+def test_plugins_written_before_tasks_keep_working(tmp_path, store):
+    legacy = LegacyPlugin()
+    path = write_pipeline(tmp_path, [{"train": {"epochs": 5, "lr": 0.01}}],
+                          data={"dataset": "tiny-digits", "batch_size": 32, "args": {"anything": 1}})
+    plan = validate(path, plugins=load_plugins(extra=[("legacy", legacy)]))
+    ctx = PipelineRunner(plan, tracking_uri=store).run()
+    assert legacy.ended == [("0-train", ctx.results["0-train"].metrics["accuracy"])]
+    assert ctx.results["0-train"].metrics["accuracy"] > 0.5
+
+
+def test_a_stage_metric_that_collides_with_a_measured_figure_fails_the_stage(tmp_path, store):
+    from compressflow import Stage, StageResult
+    from compressflow.errors import StageFailed
+
+    class Liar(Stage):
+        kind, method = "boast", "size"
+
+        def run(self, model, ctx):
+            return StageResult(model, metrics={"size_bytes": 1.0})
+
+    class Plugin:
+        @hookimpl
+        def register_stages(self, registry):
+            registry.add(Liar)
+
+    path = write_pipeline(tmp_path, [{"boast": {}}])
+    plan = validate(path, plugins=load_plugins(extra=[("liar", Plugin())]))
+    with pytest.raises(StageFailed, match="size_bytes collide with figures the engine measures"):
+        PipelineRunner(plan, tracking_uri=store).run()

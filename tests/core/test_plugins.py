@@ -21,7 +21,8 @@ def test_builtins_come_from_the_compressflow_distribution():
         assert provider.distribution == "compressflow" and provider.version == "0.1.0"
     assert {"zoo", "import", "file", "mlflow"} <= set(plugins.model_sources.names())
     assert {"digits", "synthetic"} <= set(plugins.datasets.names())
-    assert {"accuracy", "loss"} <= set(plugins.metrics.names())
+    assert {"classification", "regression", "embedding", "causal-lm"} <= set(plugins.tasks.names())
+    assert plugins.tasks.providers["classification"].distribution == "compressflow"
 
 
 @pytest.fixture(scope="module")

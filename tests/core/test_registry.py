@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from compressflow.data import Dataset
+
 from compressflow import Stage, StageParams
 from compressflow.errors import ConfigError, PluginError
 from compressflow.registry import DatasetRegistry, Provider, StageRegistry
@@ -27,10 +29,12 @@ def test_duplicate_stage_names_both_providers():
 def test_duplicate_dataset_names_both_providers():
     registry = DatasetRegistry()
     registry.current_provider = Provider("data", "compressflow", "0.1.0")
-    registry.add("digits", object())
+    registry.add("digits", Dataset)
     registry.current_provider = Provider("more", "more-data", "1.0")
     with pytest.raises(PluginError, match="by plugin 'data'.*by plugin 'more'"):
-        registry.add("digits", object())
+        registry.add("digits", Dataset)
+    with pytest.raises(PluginError, match="not a Dataset subclass"):
+        registry.add("other", object())
 
 
 def test_default_method_declared_or_only():

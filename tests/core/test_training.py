@@ -10,7 +10,7 @@ import torch
 from compressflow.stage import DataSpec, StageContext
 from compressflow.training import TrainParams, fit
 from compressflow_data import digits
-from compressflow_metrics import accuracy
+from compressflow_tasks import accuracy
 from compressflow_models.zoo import MLP
 
 

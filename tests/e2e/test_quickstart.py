@@ -72,7 +72,7 @@ def test_every_logged_model_reproduces_its_accuracy(quickstart):
 
     from compressflow.stage import DataSpec
     from compressflow_data import digits
-    from compressflow_metrics import accuracy
+    from compressflow_tasks import accuracy
 
     uri, _ = quickstart
     _, _, children = _runs(uri)

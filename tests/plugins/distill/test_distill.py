@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 
-from compressflow_metrics import accuracy
+from compressflow_tasks import accuracy
 from tests.conftest import write_pipeline
 
 SEED = 0
@@ -59,8 +59,8 @@ def test_distilled_student_beats_the_student_trained_alone(distilled):
 
 def test_both_students_trained_on_the_small_split_and_have_the_student_architecture(distilled):
     runner, ctx = distilled
-    small = runner.data_for(next(p.data for p in runner.plan.stages if p.entry.name == "distilled"))
-    full = runner.data_for(runner.spec.data)
+    small = runner.loader.data_for(next(p.data for p in runner.plan.stages if p.entry.name == "distilled"))
+    full = runner.loader.data_for(runner.spec.data)
     assert len(small.train.dataset) == pytest.approx(0.1 * len(full.train.dataset), abs=1)
     for name in ("alone", "distilled"):
         model = ctx.results[name].model
@@ -75,7 +75,7 @@ def test_both_students_trained_on_the_small_split_and_have_the_student_architect
 def test_teacher_is_left_as_it_was(distilled):
     runner, ctx = distilled
     teacher = ctx.results["teacher"]
-    val = runner.data_for(runner.spec.data).val
+    val = runner.loader.data_for(runner.spec.data).val
     assert accuracy(teacher.model.eval(), val) == pytest.approx(teacher.metrics["accuracy"])
 
 

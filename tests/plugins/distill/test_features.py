@@ -17,7 +17,7 @@ from torch import nn
 from compressflow import ConfigError, DataSpec, StageContext
 from compressflow_data.loaders import load_digits_bundle
 from compressflow_distill.features import FeatureKD
-from compressflow_metrics import accuracy
+from compressflow_tasks import accuracy
 from compressflow_models import zoo
 from tests.conftest import write_pipeline
 

@@ -41,7 +41,7 @@ def test_onnx_parity_and_latency_logged(tmp_path, store):
     assert ctx.results["onnx"].metrics["accuracy"] == ctx.results["base"].metrics["accuracy"]
     # the file from MLflow, on its own: a dynamic batch, the same predictions as torch
     session = ort.InferenceSession(str(logged), providers=["CPUExecutionProvider"])
-    inputs = torch.cat([x for x, _ in runner.data_for(runner.spec.data).val])[:37]
+    inputs = torch.cat([x for x, _ in runner.loader.data_for(runner.spec.data).val])[:37]
     with torch.inference_mode():
         expected = base.eval()(inputs).numpy()
     got = session.run(None, {"input": inputs.numpy()})[0]

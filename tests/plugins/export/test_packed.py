@@ -188,7 +188,7 @@ def test_pipeline_packed_file_is_the_model(tmp_path, store):
     client = MlflowClient(store)
     runs = {r.info.run_name: r for r in client.search_runs(
         [client.get_experiment_by_name("test").experiment_id])}
-    val = torch.cat([x for x, _ in runner.data_for(runner.spec.data).val])
+    val = torch.cat([x for x, _ in runner.loader.data_for(runner.spec.data).val])
     for before, name, filename in (("base", "dense", "model.cfpk"), ("shared", "packed", "digits.cfpk")):
         run = runs[name]
         logged = Path(client.download_artifacts(run.info.run_id, filename, str(tmp_path / name)))

@@ -10,7 +10,7 @@ from torch import nn
 
 from compressflow import DataSpec, SourceContext
 from compressflow_data import digits
-from compressflow_metrics import accuracy
+from compressflow_tasks import accuracy
 from compressflow_models import ZooSource, zoo
 from tests.conftest import write_pipeline
 
@@ -108,7 +108,7 @@ def test_unknown_zoo_name_is_refused_at_validate(tmp_path, cli):
     error = _validate_error(cli, path)
     assert f"{path}:{line_of(path, 'zoo:mlpp')}" in error
     assert "unknown zoo model 'mlpp'" in error
-    assert "cnn, mlp, resnet" in error
+    assert "cnn, lenet5, mlp, resnet" in error
 
 
 def test_unknown_zoo_arg_is_refused_at_validate(tmp_path, cli):
@@ -248,3 +248,25 @@ def test_mlflow_source_with_an_unknown_run_fails_with_exit_2(tmp_path, models_st
     result = cli("run", path, "--tracking-uri", models_store, "--quiet")
     assert result.exit_code == 2, result.output
     assert "0123456789abcdef0123456789abcdef" in result.stderr
+
+
+# --- lenet5 -------------------------------------------------------------------------------
+
+
+def test_lenet5_is_the_papers_caffe_lenet5(tmp_path):
+    source = ZooSource()
+    context = SourceContext(base_dir=tmp_path, place="test")
+    source.check("lenet5", {"num_classes": 10}, context)
+    model = source.load("lenet5", {"num_classes": 10}, context).eval()
+    assert model.input_shape == (1, 28, 28)
+    assert sum(p.numel() for p in model.parameters()) == 431_080
+    assert [type(m).__name__ for m in model.modules() if not list(m.children())] == [
+        "Conv2d", "MaxPool2d", "Conv2d", "MaxPool2d", "Flatten", "Linear", "ReLU", "Linear"]
+    assert [tuple(m.weight.shape) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))] == \
+        [(20, 1, 5, 5), (50, 20, 5, 5), (500, 800), (10, 500)]
+    images = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        outputs = model(images)
+        assert outputs.shape == (3, 10)
+        assert torch.equal(model(images.flatten(1)), outputs)  # flat 784-feature inputs work too
+    assert zoo.LeNet5(num_classes=3)(images).shape == (3, 3)

@@ -22,7 +22,7 @@ class Recorder(StageContext):
     ``progressed`` (step, total) instead of sending them to MLflow and observers."""
 
     def __init__(self, bundle, seed: int = 1):
-        from compressflow_metrics import accuracy, loss
+        from compressflow_tasks import accuracy, loss
 
         def evaluate(model, loader=None):
             model.eval()

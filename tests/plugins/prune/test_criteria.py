@@ -145,7 +145,7 @@ def test_least_squares_prunes_a_cnn_layer_by_layer_below_magnitudes_error():
 
 
 def test_every_criterion_prunes_the_same_count_and_least_squares_keeps_accuracy():
-    from compressflow_metrics import accuracy
+    from compressflow_tasks import accuracy
 
     model, bundle = trained_mlp()
     dense = accuracy(model, bundle.val)

@@ -14,7 +14,7 @@ from torch import nn
 
 from compressflow import DataBundle, DataSpec, StageContext
 from compressflow_data.loaders import load_digits_bundle
-from compressflow_metrics import accuracy, loss
+from compressflow_tasks import accuracy, loss
 from compressflow_models.zoo import CNN, MLP
 
 ARCHS = {

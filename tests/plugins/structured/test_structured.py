@@ -11,7 +11,7 @@ from torch import nn
 
 from compressflow import ConfigError, DataSpec
 from compressflow_data.loaders import load_digits_bundle
-from compressflow_metrics import accuracy
+from compressflow_tasks import accuracy
 from compressflow_models.zoo import CNN, MLP, ResNet
 from compressflow_structured.depgraph import (
     channel_importance,

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from compressflow import DataSpec, StageContext
 from compressflow.training import TrainParams, fit, zero_masks
 from compressflow_data.loaders import load_digits_bundle
-from compressflow_metrics import accuracy
+from compressflow_tasks import accuracy
 from compressflow_models import zoo
 from compressflow_train import Finetune
 from tests.conftest import write_pipeline

@@ -1,0 +1,172 @@
+"""The data contract: what a pipeline's ``data:`` says, what a dataset plugin builds from it.
+
+A dataset plugin registers a :class:`Dataset` subclass (``registry.add("csv", CsvDataset)``)
+that declares its settings as a pydantic ``Params`` model, validated with the whole
+pipeline before anything runs (errors at ``file:line``), and a ``load`` that returns a
+:class:`DataBundle`. Its settings are written under ``data.args``. A :class:`DataPath`
+field resolves from the pipeline file's folder. See docs/architecture.md.
+
+Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo
+
+if TYPE_CHECKING:
+    from torch import nn
+    from torch.utils.data import DataLoader
+
+    from compressflow.task import Task
+
+
+class DataSpec(BaseModel):
+    """The data a pipeline (or, with overrides, one stage) trains and evaluates on."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str = Field(description="a registered dataset: digits, idx, csv, npz, ...")
+    batch_size: int = Field(64, ge=1)
+    val_fraction: float = Field(
+        0.2, gt=0, lt=1, description="held out for evaluation (datasets without a test split)")
+    train_fraction: float = Field(
+        1.0, gt=0, le=1, description="stratified part of the training split kept")
+    shape: Literal["auto", "flat", "image"] = Field(
+        "auto", description="auto: whatever the model's input_shape asks for")
+    calibration_batches: int = Field(4, ge=1, description="train batches for calibration")
+    args: dict[str, Any] = Field(
+        default_factory=dict, description="the dataset's own settings (its Params)")
+
+
+def _resolve_from_pipeline(value: Path, info: ValidationInfo) -> Path:
+    base = (info.context or {}).get("base_dir")
+    value = value.expanduser()
+    return value if value.is_absolute() or base is None else Path(base) / value
+
+
+DataPath = Annotated[Path, AfterValidator(_resolve_from_pipeline)]
+"""A path in a dataset's Params: relative paths start at the pipeline file's folder."""
+
+
+class DatasetParams(BaseModel):
+    """Base of every dataset's settings: unknown keys are errors, values are validated."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class DataInfo:
+    """What MLflow records of the data (``mlflow.log_input``): name, digest, source.
+
+    Attributes:
+        name: e.g. ``mnist``. digest: a fingerprint of the content (file hashes, or the
+        arrays'). source: where it came from (a folder, a package). splits: samples per
+        split (``train``, ``eval``, ...).
+    """
+
+    name: str
+    digest: str
+    source: str
+    splits: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class DataBundle:
+    """The loaders a dataset builds.
+
+    Attributes:
+        train: the training split (shuffled by the seed).
+        val: the evaluated split: every stage's task metric is measured on it. Where the
+            data has an official test split (MNIST), this is it.
+        calibration: a few training batches for calibration (pruning criteria, int8 ranges).
+        num_classes: classes, for classification data (else None).
+        sample_shape: one sample's input shape, for tensor inputs (else None).
+        holdout: a part of train held out for tuning (early stopping), when asked for.
+        info: what MLflow records as the dataset (None: the engine describes the spec).
+
+    Every loader yields batches as :mod:`compressflow.task` describes: ``(inputs, targets)``
+    pairs or dicts of tensors.
+    """
+
+    train: DataLoader
+    val: DataLoader
+    calibration: DataLoader
+    num_classes: int | None = None
+    sample_shape: tuple[int, ...] | None = None
+    holdout: DataLoader | None = None
+    info: DataInfo | None = None
+
+    def example_input(self, batch: int = 1, task: Task | None = None, seq_len: int | None = None) -> Any:
+        """``batch`` real validation inputs (for signatures, MACs and latency)."""
+        if task is None:
+            from compressflow.task import Task
+
+            task = Task()
+        return task.examples(self.val, batch, seq_len)
+
+
+@dataclass
+class DataContext:
+    """What a dataset's ``load`` (and ``check``) may use.
+
+    Attributes:
+        spec: the resolved ``data:`` section (batch_size, fractions, shape, calibration).
+        seed: the pipeline's seed (splits and shuffling follow it).
+        base_dir: the pipeline file's folder, where relative paths start.
+        place: ``file:line`` of the data section, for messages.
+        task: the pipeline's task name.
+        input_shape: the shape the input model declares for one sample, else None.
+        model: the pipeline's input model (None during validation); a text dataset takes
+            its tokenizer (``model.tokenizer``).
+    """
+
+    spec: DataSpec
+    seed: int
+    base_dir: Path
+    place: str = "data"
+    task: str = "classification"
+    input_shape: tuple[int, ...] | None = None
+    model: nn.Module | None = None
+
+    def resolve(self, path: str | Path) -> Path:
+        """``path`` from the pipeline file's folder (absolute and ``~`` paths as they are)."""
+        path = Path(path).expanduser()
+        return path if path.is_absolute() else self.base_dir / path
+
+    @property
+    def tokenizer(self) -> Any:
+        """The input model's tokenizer, if it carries one."""
+        return getattr(self.model, "tokenizer", None)
+
+
+class Dataset:
+    """Base of a dataset plugin: set ``Params`` and write ``load`` (and, cheaply, ``check``).
+
+    ``tasks``: the task names it serves (None: any). ``check`` runs during validation with
+    validated params and no model: it catches what can be known early (a missing file).
+    """
+
+    Params: ClassVar[type[DatasetParams]] = DatasetParams
+    tasks: ClassVar[tuple[str, ...] | None] = None
+
+    def check(self, params: DatasetParams, ctx: DataContext) -> None:
+        """Raise ConfigError if the data cannot load; default: accept."""
+
+    def load(self, params: DatasetParams, ctx: DataContext) -> DataBundle:
+        """Build the loaders."""
+        raise NotImplementedError
+
+
+def file_digest(paths: list[Path], *, length: int = 16) -> str:
+    """A short sha256 over the files' bytes, in order: equal data, equal digest."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:length]

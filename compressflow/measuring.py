@@ -1,0 +1,133 @@
+"""Every figure of a stage's model: its task metrics, what it weighs, and how fast it runs.
+
+Evaluation goes through the task (and the registered extra metrics it names). Latency is
+timed by :func:`compressflow.timing.time_models`, the stage's model interleaved round by
+round with the input model in one window, so that a loaded machine slows both alike: the
+speedup is the median of per-round ratios, with its quartiles. The figure names are listed
+in docs/architecture.md ("What MLflow holds").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from compressflow.measure import ratios_to_input, static_figures
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from compressflow.config import MeasureSpec
+    from compressflow.data import DataBundle
+    from compressflow.registry import MetricRegistry
+    from compressflow.task import Task
+
+
+@dataclass
+class Evaluator:
+    """The task's metrics plus the extra ones, on the evaluated split unless told otherwise.
+
+    ``reference`` (the input model) is handed to tasks that measure fidelity to it.
+    """
+
+    task: Task
+    metrics: MetricRegistry
+    extra: list[str]
+    loader: Any
+    reference: nn.Module | None = None
+
+    def __call__(self, model: nn.Module, loader: Any = None) -> dict[str, float]:
+        loader = loader if loader is not None else self.loader
+        reference = self.reference if self.task.uses_reference else None
+        model.eval()
+        figures = self.task.evaluate(model, loader, reference)
+        for name in self.extra:
+            if name not in figures:
+                figures[name] = float(self.metrics.get(name).fn(model, loader))
+        return figures
+
+
+def latency_name(batch: int, seq_len: int | None) -> str:
+    """``latency_ms_b64``, or ``latency_ms_b64_t128`` at a set sequence length."""
+    return f"latency_ms_b{batch}" + (f"_t{seq_len}" if seq_len else "")
+
+
+@dataclass
+class Measurer:
+    """Measures models against the pipeline's input model, as ``measure:`` says."""
+
+    task: Task
+    spec: MeasureSpec
+    bundle: DataBundle
+    examples: dict[int, Any] = field(default_factory=dict)
+
+    def example(self, batch: int) -> Any:
+        """``batch`` real evaluated inputs, built once per size."""
+        if batch not in self.examples:
+            self.examples[batch] = self.bundle.example_input(batch, self.task, self.spec.seq_len)
+        return self.examples[batch]
+
+    def figures(self, model: nn.Module, input_model: nn.Module | None = None) -> dict[str, float]:
+        """Static figures, then latency at every batch size: alone for the input model,
+        interleaved with ``input_model`` (and its speedup) for any other."""
+        figures = static_figures(model, self.example(1), self.task)
+        if self.spec.latency:
+            figures.update(self.latency(model, input_model))
+        return figures
+
+    def latency(self, model: nn.Module, input_model: nn.Module | None) -> dict[str, float]:
+        """``latency_ms_b<N>`` (median), ``..._iqr``, and against the input model
+        ``latency_b<N>_speedup`` (median per-round ratio) with ``..._q1``/``..._q3``."""
+        from compressflow.timing import time_models
+
+        out: dict[str, float] = {}
+        for index, batch in enumerate(self.spec.batch_sizes):
+            models = {"stage": model} if input_model is None else {"input": input_model, "stage": model}
+            # later (larger) batches cost more a round: fewer rounds, as before
+            rounds = self.spec.repeats if index == 0 else max(3, self.spec.repeats // 3)
+            timings = time_models(models, self.example(batch), self.task.feed, rounds=rounds,
+                                  warmup=self.spec.warmup, threads=self.spec.threads)
+            name = latency_name(batch, self.spec.seq_len)
+            spread = timings.spread("stage")
+            out[name], out[f"{name}_iqr"] = spread.median, spread.iqr
+            if input_model is not None:
+                speedup = timings.speedup("input", "stage")
+                ratio = f"latency_b{batch}" + (f"_t{self.spec.seq_len}" if self.spec.seq_len else "")
+                out[f"{ratio}_speedup"] = speedup.median
+                out[f"{ratio}_speedup_q1"], out[f"{ratio}_speedup_q3"] = speedup.q1, speedup.q3
+        return out
+
+
+def compare_to_input(figures: dict[str, float], start: dict[str, float], metric: str,
+                     packed_bytes: int | None) -> dict[str, float]:
+    """Ratios to the input's figures, the metric's change, the packed file against the
+    input's serialized state dict."""
+    out = ratios_to_input(figures, start)
+    out[f"{metric}_delta"] = figures[metric] - start[metric]
+    if packed_bytes:
+        out["compressed_bytes"] = float(packed_bytes)
+        out["compressed_ratio"] = start["size_bytes"] / packed_bytes
+    return out
+
+
+def honesty_notes(figures: dict[str, float], before: dict[str, float], batch_sizes: list[int],
+                  seq_len: int | None) -> list[str]:
+    """Sentences for what the figures do not show at a glance: sparsity that saved no
+    bytes, a compressed model no faster than the input (within the spread), a slower one."""
+    notes = []
+    sparser = figures["sparsity"] > before["sparsity"] + 1e-3
+    compressed = sparser or figures["macs"] < before["macs"] or figures["size_bytes"] < before["size_bytes"]
+    if sparser and figures["size_bytes"] >= before["size_bytes"]:
+        notes.append(f"sparsity rose to {figures['sparsity']:.1%} but the model is not smaller on "
+                     "disk: its tensors are stored densely, zeros included")
+    for batch in batch_sizes:
+        ratio = f"latency_b{batch}" + (f"_t{seq_len}" if seq_len else "")
+        if f"{ratio}_speedup" not in figures:
+            continue
+        median, q1, q3 = (figures[f"{ratio}_speedup{s}"] for s in ("", "_q1", "_q3"))
+        spread = f"{median:.2f}x, IQR {q1:.2f}-{q3:.2f}"
+        if q1 <= 1.0 <= q3 and compressed:
+            notes.append(f"batch {batch}: no measurable speedup over the input model ({spread})")
+        elif q3 < 1.0:
+            notes.append(f"batch {batch}: slower than the input model ({spread})")
+    return notes
