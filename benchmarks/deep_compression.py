@@ -49,23 +49,14 @@ STAGES = {"trained": "trained", "pruned": "finetuned", "shared": "shared", "pack
 LATENCY = {1: (100, 10), 64: (100, 2)}
 
 
-def digits_batch(batch: int):
-    """``batch`` standardized digits images, flat (64 features), as the MLP takes them."""
-    import torch
-    from sklearn.datasets import load_digits
-
-    features = load_digits().data
-    features = (features - features.mean(0)) / features.std(0).clip(1e-6)
-    return torch.tensor(features[:batch], dtype=torch.float32)
-
-
-def packed_latency(trained, packed) -> dict[str, list[float]]:
-    """Per-round trained ms / packed ms, and each model's ms, at batch 1 and 64."""
+def packed_latency(trained, packed, example) -> dict[str, list[float]]:
+    """Per-round trained ms / packed ms, and each model's ms, at batch 1 and 64, on
+    ``example(batch)``: real evaluated inputs of the pipeline's own data."""
     from compressflow.timing import time_models
 
     figures: dict[str, list[float]] = {}
     for batch, (rounds, number) in LATENCY.items():
-        timings = time_models({"trained": trained, "packed": packed}, digits_batch(batch),
+        timings = time_models({"trained": trained, "packed": packed}, example(batch),
                               rounds=rounds, number=number, warmup=5, threads=None)
         figures[f"speedup_b{batch}"] = timings.ratios("trained", "packed")
         figures[f"trained_ms_b{batch}"] = timings.samples["trained"]
@@ -81,15 +72,10 @@ def run_seed(pipeline: Path, seed: int, overrides: list[str], folder: Path) -> d
     from compressflow.runner import PipelineRunner
     from compressflow_export.packed import PackOptions, load_packed, save_packed
 
-    import yaml
-
-    document = yaml.safe_load(pipeline.read_text())
-    document["seed"] = seed
-    document.setdefault("tracking", {})["log_models"] = False  # models stay in memory here
-    document.setdefault("measure", {})["latency"] = False
-    copy = folder / pipeline.name
-    copy.write_text(yaml.safe_dump(document, sort_keys=False))
-    plan = validate(copy, overrides)
+    # the pipeline as it is (its relative data paths start at its folder), with this seed;
+    # models stay in memory here, and latency is the benchmark's own, interleaved
+    plan = validate(pipeline, [f"seed={seed}", "tracking.log_models=false",
+                               "measure.latency=false", *overrides])
     runner = PipelineRunner(plan, tracking_uri=f"sqlite:///{folder / 'mlflow.db'}",
                             experiment=f"deep-compression-seed{seed}")
     ctx = runner.run()
@@ -118,16 +104,18 @@ def run_seed(pipeline: Path, seed: int, overrides: list[str], folder: Path) -> d
                                                     "fp32-biases"), "accuracy": accuracy["packed"]},
         # what rounding the biases to fp16 values did to the accuracy, in the kmeans stage
         "_bias_fp16_delta": results["shared"].metrics.get("bias_fp16_accuracy_delta", 0.0),
-        "_latency": packed_latency(models[STAGES["trained"]], models[STAGES["packed"]]),
+        "_latency": packed_latency(models[STAGES["trained"]], models[STAGES["packed"]],
+                                   runner.measurer.example),
         "_nonzero": results["packed"].metrics["params_nonzero"],
     }
 
 
-def run_seeds(pipeline: Path, seeds: int, overrides: list[str]) -> tuple[list[dict], list[float]]:
-    """:func:`run_seed` for seeds 0..seeds-1, each in its own temporary folder and store;
-    returns each seed's rows and wall time, printing a line a seed."""
+def run_seeds(pipeline: Path, seeds: int, overrides: list[str], first: int = 0
+              ) -> tuple[list[dict], list[float]]:
+    """:func:`run_seed` for seeds first..first+seeds-1, each in its own temporary folder and
+    store; returns each seed's rows and wall time, printing a line a seed."""
     per_seed, timings = [], []
-    for seed in range(seeds):
+    for seed in range(first, first + seeds):
         start = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="deep-compression-") as folder:
             here = Path.cwd()
@@ -138,7 +126,7 @@ def run_seeds(pipeline: Path, seeds: int, overrides: list[str]) -> tuple[list[di
                 os.chdir(here)
         timings.append(time.perf_counter() - start)
         row = per_seed[-1]
-        print(f"{pipeline.stem} seed {seed}: {row['+Huffman']['bytes']:,} bytes, "
+        print(f"{pipeline.stem} seed {seed}: {int(row['+Huffman']['bytes']):,} bytes, "
               f"{row['trained fp32']['bytes'] / row['+Huffman']['bytes']:.1f}x, accuracy "
               f"{row['trained fp32']['accuracy']:.4f} -> {row['+Huffman']['accuracy']:.4f} "
               f"({timings[-1]:.0f} s)", flush=True)

@@ -41,14 +41,16 @@ def mean_std(values: list[float], fmt: str) -> str:
     return f"{format(statistics.mean(values), fmt)} +- {format(spread, fmt)}"
 
 
-def run_model(model: str, seeds: int, overrides: list[str]) -> tuple[list[dict], list[float]]:
+def run_model(model: str, seeds: int, overrides: list[str], first: int = 0
+              ) -> tuple[list[dict], list[float]]:
     """Every seed of one model's pipeline."""
-    return run_seeds(REPO / "pipelines" / f"deep-compression-mnist-{model}.yaml", seeds, overrides)
+    return run_seeds(REPO / "pipelines" / f"deep-compression-mnist-{model}.yaml", seeds,
+                     overrides, first)
 
 
 def print_table(model: str, per_seed: list[dict], timings: list[float]) -> None:
     name, dense_kb, dense_err, small_kb, ratio, small_err = PAPER[model]
-    print(f"\n### {name}: paper vs compressflow ({len(per_seed)} seeds, mean +- std)\n")
+    print(f"\n### {name}: paper vs compressflow ({len(per_seed)} seed(s), mean +- std)\n")
     print("| row | paper | ours: bytes | ratio to dense | test error |")
     print("|---|---|---:|---:|---:|")
     paper = {"trained fp32": f"{dense_kb} KB, {dense_err}%", "+Huffman": f"{small_kb} KB, {ratio}x, {small_err}%"}
@@ -73,7 +75,9 @@ def print_table(model: str, per_seed: list[dict], timings: list[float]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=3, help="how many seeds (default 3)")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="start there (to spread seeds over processes)")
     parser.add_argument("--models", nargs="+", choices=sorted(PAPER), default=["lenet300", "lenet5"])
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--threads", type=int, default=2)
@@ -82,7 +86,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(REPO))
-    results = {m: run_model(m, args.seeds, args.overrides) for m in args.models}
+    results = {m: run_model(m, args.seeds, args.overrides, args.first_seed) for m in args.models}
     for model, (per_seed, timings) in results.items():
         print_table(model, per_seed, timings)
 

@@ -139,7 +139,7 @@ def _timed(owner, name: str, parts: dict[str, float], label: str) -> None:
 
 def compressflow_work(overrides: list[str], uri: str, parts: dict[str, float]) -> dict[str, float]:
     """validate + PipelineRunner.run with leaf costs timed into ``parts``; stage accuracies."""
-    from compressflow import engine, measuring, runner, summary, tracking
+    from compressflow import engine, measuring, provenance, runner, summary, tracking
 
     init = tracking.Tracker.__init__
 
@@ -156,7 +156,7 @@ def compressflow_work(overrides: list[str], uri: str, parts: dict[str, float]) -
         _timed(tracking.Tracker, name, parts, f"mlflow: Tracker.{name}")
     _timed(measuring.Measurer, "figures", parts, "measure (size, MACs, latency)")
     _timed(measuring.Evaluator, "__call__", parts, "evaluate (after every stage and epoch)")
-    _timed(runner, "git_commit", parts, "git rev-parse")
+    _timed(provenance, "git_commit", parts, "git rev-parse")
     _timed(summary, "stage_chart", parts, "summary chart (matplotlib)")
     start = time.perf_counter()
     plan = engine.validate(PIPELINE, overrides)

@@ -46,6 +46,17 @@ def cost_of(figures: dict[str, float], by: str) -> float | None:
     return figures.get(by)
 
 
+def headline(uri: str, experiment: str) -> tuple[str, bool]:
+    """The metric the experiment's newest pipeline run ranks by, and its direction (runs
+    logged before tasks existed: accuracy, higher is better)."""
+    from compressflow.tracking import experiment_runs
+
+    for run in reversed(experiment_runs(uri, experiment, order_by=["attributes.start_time ASC"]) or []):
+        if Tag.METRIC in run.data.tags:
+            return run.data.tags[Tag.METRIC], run.data.tags.get(Tag.HIGHER_IS_BETTER) != "false"
+    return "accuracy", True
+
+
 def load_rows(uri: str, experiment: str, metric: str = "accuracy", by: str = "size_bytes",
               sweep_id: str | None = None) -> list[Row]:
     """Every pipeline (parent) run of ``experiment``, oldest first; a sweep's alone if given."""

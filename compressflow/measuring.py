@@ -68,21 +68,24 @@ class Measurer:
         return self.examples[batch]
 
     def figures(self, model: nn.Module, input_model: nn.Module | None = None) -> dict[str, float]:
-        """Static figures, then latency at every batch size: alone for the input model,
-        interleaved with ``input_model`` (and its speedup) for any other."""
+        """Static figures, then latency at every batch size, interleaved with ``input_model``
+        (None: ``model`` is the input model, timed against a copy of itself, so that its
+        row shows the noise floor: 1.0x within the spread)."""
+        import copy
+
         figures = static_figures(model, self.example(1), self.task)
         if self.spec.latency:
-            figures.update(self.latency(model, input_model))
+            figures.update(self.latency(model, input_model or copy.deepcopy(model)))
         return figures
 
-    def latency(self, model: nn.Module, input_model: nn.Module | None) -> dict[str, float]:
+    def latency(self, model: nn.Module, input_model: nn.Module) -> dict[str, float]:
         """``latency_ms_b<N>`` (median), ``..._iqr``, and against the input model
         ``latency_b<N>_speedup`` (median per-round ratio) with ``..._q1``/``..._q3``."""
         from compressflow.timing import time_models
 
         out: dict[str, float] = {}
         for index, batch in enumerate(self.spec.batch_sizes):
-            models = {"stage": model} if input_model is None else {"input": input_model, "stage": model}
+            models = {"input": input_model, "stage": model}
             # later (larger) batches cost more a round: fewer rounds, as before
             rounds = self.spec.repeats if index == 0 else max(3, self.spec.repeats // 3)
             timings = time_models(models, self.example(batch), self.task.feed, rounds=rounds,
@@ -90,11 +93,10 @@ class Measurer:
             name = latency_name(batch, self.spec.seq_len)
             spread = timings.spread("stage")
             out[name], out[f"{name}_iqr"] = spread.median, spread.iqr
-            if input_model is not None:
-                speedup = timings.speedup("input", "stage")
-                ratio = f"latency_b{batch}" + (f"_t{self.spec.seq_len}" if self.spec.seq_len else "")
-                out[f"{ratio}_speedup"] = speedup.median
-                out[f"{ratio}_speedup_q1"], out[f"{ratio}_speedup_q3"] = speedup.q1, speedup.q3
+            speedup = timings.speedup("input", "stage")
+            ratio = f"latency_b{batch}" + (f"_t{self.spec.seq_len}" if self.spec.seq_len else "")
+            out[f"{ratio}_speedup"] = speedup.median
+            out[f"{ratio}_speedup_q1"], out[f"{ratio}_speedup_q3"] = speedup.q1, speedup.q3
         return out
 
 
@@ -127,7 +129,7 @@ def honesty_notes(figures: dict[str, float], before: dict[str, float], batch_siz
         median, q1, q3 = (figures[f"{ratio}_speedup{s}"] for s in ("", "_q1", "_q3"))
         spread = f"{median:.2f}x, IQR {q1:.2f}-{q3:.2f}"
         if q1 <= 1.0 <= q3 and compressed:
-            notes.append(f"batch {batch}: no measurable speedup over the input model ({spread})")
+            notes.append(f"latency at batch {batch}: no measurable speedup over the input model ({spread})")
         elif q3 < 1.0:
-            notes.append(f"batch {batch}: slower than the input model ({spread})")
+            notes.append(f"latency at batch {batch}: slower than the input model ({spread})")
     return notes

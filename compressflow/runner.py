@@ -7,8 +7,9 @@ key (see :func:`compressflow.engine.stage_key`) was already logged in the experi
 run again: its model and figures are taken from that run, which a tag names.
 
 The runner orders the work; building models and data (:mod:`compressflow.loading`),
-measuring (:mod:`compressflow.measuring`), the summary (:mod:`compressflow.summary`) and
-registration (:mod:`compressflow.registration`) each have their own module.
+measuring (:mod:`compressflow.measuring`), what the parent run records of the pipeline
+(:mod:`compressflow.provenance`), the summary (:mod:`compressflow.summary`) and registration
+(:mod:`compressflow.registration`) each have their own module.
 """
 
 from __future__ import annotations
@@ -21,17 +22,16 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ContextManager
 
-import yaml
-
 from compressflow.engine import Plan, PlannedStage
 from compressflow.errors import CompressflowError, ConfigError, StageFailed
 from compressflow.gates import GateFailed, gate_failures
 from compressflow.loading import Loader
 from compressflow.measuring import Evaluator, Measurer, compare_to_input, honesty_notes
+from compressflow.provenance import log_pipeline_files, pipeline_params, pipeline_tags
 from compressflow.registration import register_final
 from compressflow.stage import PipelineContext, StageContext, StageResult
 from compressflow.summary import log_summary, summary_row
-from compressflow.tracking import DEFAULT_URI, LoggedStage, Tag, Tracker, flatten, git_commit
+from compressflow.tracking import DEFAULT_URI, LoggedStage, Tag, Tracker, flatten
 
 if TYPE_CHECKING:
     from torch import nn
@@ -90,8 +90,9 @@ class PipelineRunner:
         self._preflight()
         self.tracker = Tracker(self.uri, self.experiment, self.spec.tracking.log_models)
         self.ctx.run_id = self.tracker.start_pipeline(
-            self.run_name, {**self._tags(), **self.extra_tags}, {**self._params(), **self.extra_params})
-        self._log_pipeline_files()
+            self.run_name, {**pipeline_tags(self.plan), **self.extra_tags},
+            {**pipeline_params(self.plan), **self.extra_params})
+        log_pipeline_files(self.tracker, self.plan)
         self.plugins.pipeline_start(self.ctx)
         status = "FAILED"
         try:
@@ -137,45 +138,6 @@ class PipelineRunner:
     def cleanup(self) -> None:
         """Remove the stages' work folders (their files are logged; results still name them)."""
         shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def _tags(self) -> dict[str, str]:
-        import compressflow
-
-        tags = {
-            Tag.PIPELINE_HASH: self.plan.file.content_hash(),
-            Tag.VERSION: compressflow.__version__,
-            Tag.PIPELINE_FILE: str(self.plan.file.path),
-            Tag.TASK: self.task.name,
-            # the UI's Source column: the pipeline file, not the python module that ran it
-            Tag.SOURCE_NAME: str(self.plan.file.path.resolve()),
-            Tag.SOURCE_TYPE: "LOCAL",
-        }
-        commit = git_commit(self.plan.file.path.resolve().parent)
-        if commit:
-            tags[Tag.GIT_COMMIT] = commit
-        return tags
-
-    def _params(self) -> dict[str, Any]:
-        return {
-            "seed": self.spec.seed,
-            "model.source": self.spec.model.source,
-            "data.dataset": self.spec.data.dataset,
-            "task": self.task.name,
-            "stages": " -> ".join(f"{p.entry.name}:{p.stage.kind}/{p.stage.method}"
-                                  for p in self.plan.stages),
-        }
-
-    def _log_pipeline_files(self) -> None:
-        resolved = {k: v for k, v in self.plan.file.raw.items() if k != "sweep"}
-        resolved["stages"] = [
-            {"name": p.entry.name, p.stage.kind: {"method": p.stage.method,
-                                                 **p.stage.params.model_dump(mode="json")},
-             **({"data": p.entry.data} if p.entry.data else {}),
-             **({"gate": p.entry.gate.model_dump(mode="json")} if p.entry.gate else {})}
-            for p in self.plan.stages
-        ]
-        self.tracker.log_text(self.plan.file.text, "pipeline.yaml")
-        self.tracker.log_text(yaml.safe_dump(resolved, sort_keys=False), "pipeline.resolved.yaml")
 
     def _log_data(self, data_spec) -> None:
         info = self.loader.data_for(data_spec).info

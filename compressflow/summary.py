@@ -30,7 +30,7 @@ def summary_row(name: str, method: str, result: StageResult, metric: str, reused
             "compressed_bytes": figures.get("compressed_bytes"),
             "compressed_ratio": figures.get("compressed_ratio"),
             "latency_b1_speedup": figures.get("latency_b1_speedup", 1.0),
-            "reused": reused, "notes": " ".join(result.notes)}
+            "reused": reused, "notes": "; ".join(result.notes)}
 
 
 def log_summary(tracker: Tracker, ctx: PipelineContext, metric: str, workdir: Path,

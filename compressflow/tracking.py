@@ -36,6 +36,8 @@ class Tag:
     VARIANT = "compressflow.variant"
     SELECTED_RUN = "compressflow.selected_run"
     TASK = "compressflow.task"
+    METRIC = "compressflow.metric"
+    HIGHER_IS_BETTER = "compressflow.higher_is_better"
     GIT_COMMIT = "mlflow.source.git.commit"
     SOURCE_NAME = "mlflow.source.name"
     SOURCE_TYPE = "mlflow.source.type"

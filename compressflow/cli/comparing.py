@@ -16,12 +16,12 @@ UriOpt = Annotated[Optional[str], typer.Option(help="MLflow store (default: sqli
 @reports_errors
 def compare(
     experiment: Annotated[Optional[str], typer.Argument(help="Experiment (default: the only one, or 'quickstart').")] = None,
-    metric: Annotated[str, typer.Option(help="Task metric to compare.")] = "accuracy",
+    metric: Annotated[Optional[str], typer.Option(help="Task metric to compare (default: the pipeline's own).")] = None,
     by: Annotated[str, typer.Option(help="Cost: size_bytes, latency_ms_b1 or macs.")] = "size_bytes",
     tracking_uri: UriOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     plot: Annotated[Optional[Path], typer.Option(help="Also draw metric against cost to this PNG.")] = None,
-    lower_is_better: Annotated[bool, typer.Option("--lower-is-better", help="The metric is a loss.")] = False,
+    lower_is_better: Annotated[bool, typer.Option("--lower-is-better", help="The metric is a loss (default: as the task says).")] = False,
 ) -> None:
     """Compare an experiment's pipeline runs: final metric, cost, ratios, gates, Pareto front."""
     from compressflow import compare as comparing
@@ -32,7 +32,12 @@ def compare(
         raise ConfigError(f"--by {by}: not a cost", f"choose one of {', '.join(comparing.COSTS)}")
     uri = tracking_uri or DEFAULT_URI
     experiment = experiment or _only_experiment(uri)
-    rows = comparing.mark_pareto(comparing.load_rows(uri, experiment, metric, by), not lower_is_better)
+    logged, higher = comparing.headline(uri, experiment)
+    if metric is not None and metric != logged:
+        higher = True  # another metric: its direction is the flag's to say
+    metric = metric or logged
+    rows = comparing.mark_pareto(comparing.load_rows(uri, experiment, metric, by),
+                                 higher and not lower_is_better)
     if plot is not None:
         comparing.plot(rows, metric, by, plot, experiment)
     if as_json:

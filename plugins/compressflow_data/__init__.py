@@ -17,7 +17,6 @@ class Digits(Dataset):
     """scikit-learn's 1797 bundled 8x8 digits: stratified split, standardized, flat (64)
     or one 8x8 channel to fit the model."""
 
-    tasks = ("classification",)
 
     def load(self, params, ctx):
         from compressflow_data.loaders import load_digits_bundle
@@ -41,7 +40,6 @@ class Synthetic(Dataset):
     """A seeded Gaussian-mixture classification task, for fast tests and hard cases."""
 
     Params = SyntheticParams
-    tasks = ("classification",)
 
     def load(self, params, ctx):
         from compressflow_data.loaders import load_synthetic_bundle
@@ -77,7 +75,6 @@ class Idx(Dataset):
     """MNIST-format idx files: the official train/test split, the test images evaluated."""
 
     Params = IdxParams
-    tasks = ("classification",)
 
     def check(self, params, ctx):
         from compressflow_data.idx import find_idx_files

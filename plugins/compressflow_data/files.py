@@ -545,7 +545,6 @@ class ImageFolder(Dataset):
     class ``i`` is the ``i``-th class folder by sorted name."""
 
     Params = ImageFolderParams
-    tasks = ("classification",)
 
     def check(self, params: ImageFolderParams, ctx: DataContext) -> None:
         expected = "a folder holding one subfolder of images per class"

@@ -42,6 +42,13 @@ def test_plugins_json_lists_methods_with_params(cli):
     assert prune["params"]["scope"]["default"] == "global" and "sparsity" in prune["params"]
     table = cli("plugins")
     assert "prune/magnitude" in table.stdout and "distill/logits" in table.stdout
+    idx = next(d for d in listing["datasets"] if d["name"] == "idx")
+    assert idx["params"]["root"]["required"] and idx["tasks"] == []  # any task may read it
+    embedding = next(t for t in listing["tasks"] if t["name"] == "embedding")
+    assert embedding["default_metric"] == "cosine_mean"
+    assert embedding["metrics"]["cosine_min"]["higher_is_better"] is True
+    for word in ("causal-lm", "perplexity", "image-folder", "eval_paths"):
+        assert word in table.stdout, word
 
 
 def test_schema_has_every_stage_params(cli):
@@ -52,6 +59,10 @@ def test_schema_has_every_stage_params(cli):
     assert "stages" in schema["properties"]
     for word in ("sparsity", "temperature", "dynamic-int8", "train_fraction"):
         assert word in text
+    # a dataset's args and a task's params depend on the one named: each one's schema
+    assert "root" in schema["x-dataset-args"]["idx"]["properties"]
+    assert schema["x-dataset-args"]["csv"]["required"] == ["path", "label"]
+    assert set(schema["x-task-params"]) >= {"classification", "embedding", "causal-lm"}
 
 
 def test_validate_and_dry_run_print_the_plan(tmp_path, cli, store):

@@ -64,3 +64,25 @@ def test_compare_command_and_registry_round_trip(tmp_path, cli, store):
     assert str(version.version) == "1"
     assert runs[0].data.metrics["accuracy"] == pruned[0].data.metrics["accuracy"]
     assert runs[0].data.metrics["sparsity"] == pruned[0].data.metrics["sparsity"]
+
+
+def test_compare_ranks_by_the_pipelines_own_metric_and_direction(tmp_path, store, cli):
+    """A regression pipeline's compare defaults to its mse, lower being better."""
+    import numpy as np
+
+    from tests.conftest import write_pipeline
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 4))
+    np.savez(tmp_path / "reg.npz", x=x, y=(x @ np.array([1.0, -2.0, 0.5, 0.0]))[:, None])
+    path = write_pipeline(tmp_path, [{"train": {"epochs": 2}}], name="reg", task="regression",
+                          model={"source": "zoo:mlp", "args": {"in_features": 4, "hidden": [8], "num_classes": 1}},
+                          data={"dataset": "npz", "args": {"path": "reg.npz"}})
+    assert cli("run", path, "--tracking-uri", store, "--quiet").exit_code == 0
+    from compressflow.compare import headline
+
+    assert headline(store, "reg") == ("mse", False)
+    result = cli("compare", "reg", "--tracking-uri", store, "--json")
+    assert result.exit_code == 0, result.output
+    [row] = json.loads(result.stdout)
+    assert row["metric"] == row["figures"]["mse"] and row["pareto"]

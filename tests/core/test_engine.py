@@ -29,9 +29,10 @@ from tests.conftest import write_pipeline
     ([{"train": {"epochs": 1}}], {"task": "translation"}, ["unknown task 'translation'", "known: causal-lm"]),
     ([{"train": {"epochs": 1}}], {"task": "embedding", "evaluation": {"metric": "accuracy"}},
      ["metric 'accuracy' for task 'embedding'", "cosine_mean"]),
-    ([{"train": {"epochs": 1}}], {"task": "regression"}, ["dataset 'digits' serves task(s) classification"]),
-    ([{"structured_prune": {"ratio": 0.5}}], {"task": {"name": "embedding"}, "data": {"dataset": "synthetic"}},
-     ["dataset 'synthetic' serves task(s) classification"]),
+    ([{"train": {"epochs": 1}}], {"task": "causal-lm", "data": {"dataset": "csv", "args": {"path": "x.csv", "label": "y"}}},
+     ["dataset 'csv' serves task(s) classification, regression, not 'causal-lm'"]),
+    ([{"structured_prune": {"ratio": 0.5}}], {"task": {"name": "embedding"}},
+     ["structured_prune/depgraph serves task(s) classification, not 'embedding'"]),
     ([{"train": {"epochs": 1}}], {"task": {"name": "classification", "window": 5}}, ["task 'classification'", "unknown key 'window'"]),
 ])
 def test_bad_input_named_before_anything_runs(tmp_path, stages, extra, words):
@@ -228,3 +229,14 @@ def test_a_stage_metric_that_collides_with_a_measured_figure_fails_the_stage(tmp
     plan = validate(path, plugins=load_plugins(extra=[("liar", Plugin())]))
     with pytest.raises(StageFailed, match="size_bytes collide with figures the engine measures"):
         PipelineRunner(plan, tracking_uri=store).run()
+
+
+def test_a_model_that_cannot_take_the_data_is_bad_input_before_any_run(tmp_path, cli, store):
+    # a 784-feature model on the 64-feature digits: found before a run is opened, exit 2
+    path = write_pipeline(tmp_path, [{"train": {"epochs": 1}}],
+                          model={"source": "zoo:mlp", "args": {"in_features": 784, "hidden": [8]}})
+    result = cli("run", path, "--tracking-uri", store)
+    assert result.exit_code == 2, result.output
+    assert "the input model cannot run on the data under task 'classification'" in result.stderr
+    assert f"{path}:" in result.stderr and "Traceback" not in result.output + result.stderr
+    assert not (tmp_path / "mlflow.db").exists()

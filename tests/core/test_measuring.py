@@ -38,11 +38,11 @@ def test_an_unchanged_model_is_one_x_within_the_spread():
     assert not any("slower" in n for n in notes)
 
 
-def test_batch_sizes_are_the_users_and_the_input_model_is_timed_alone():
+def test_batch_sizes_are_the_users_and_the_input_model_is_timed_against_its_copy():
     measurer = Measurer(default_task(), MeasureSpec(repeats=3, warmup=0, batch_sizes=[2, 8]), _bundle())
-    figures = measurer.figures(_mlp())
-    assert {"latency_ms_b2", "latency_ms_b8"} <= set(figures)
-    assert not any(name.endswith("_speedup") for name in figures)
+    figures = measurer.figures(_mlp())  # the input model: its row shows the noise floor
+    assert {"latency_ms_b2", "latency_ms_b8", "latency_b2_speedup", "latency_b8_speedup_q3"} <= set(figures)
+    assert "latency_ms_b1" not in figures
     assert measurer.example(8).shape == (8, 64)
 
 
@@ -53,7 +53,7 @@ def test_notes_say_when_sparsity_saved_no_bytes_and_no_time():
                "latency_b64_speedup": 0.5, "latency_b64_speedup_q1": 0.45, "latency_b64_speedup_q3": 0.55}
     notes = " ".join(honesty_notes(figures, before, [1, 64], None))
     assert "not smaller on disk" in notes
-    assert "batch 1: no measurable speedup" in notes and "batch 64: slower" in notes
+    assert "latency at batch 1: no measurable speedup" in notes and "batch 64: slower" in notes
 
 
 def test_packed_bytes_stand_against_the_input_state_dict():

@@ -66,3 +66,38 @@ def test_broken_plugin_through_the_cli(broken_site, tmp_path):
     assert "warning: plugin 'broken' = 'compressflow_broken' from compressflow-broken failed" in done.stderr
     assert "unknown stage kind 'wanda'" in done.stderr and "some plugins failed to load" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_task_registered_by_a_plugin_feeds_a_whole_pipeline(tmp_path, store):
+    """register_tasks: a third party's task (here: accuracy counted over the top 2 logits)."""
+    import torch
+
+    from compressflow import Task, TaskMetric, hookimpl
+    from compressflow.engine import validate
+    from compressflow.runner import PipelineRunner
+    from tests.conftest import write_pipeline
+
+    class TopTwo(Task):
+        name, default_metric = "top-two", "top2"
+        metrics = {"top2": TaskMetric(True, description="label among the two highest logits")}
+
+        def loss(self, outputs, targets, reference=None):
+            return torch.nn.functional.cross_entropy(outputs, targets)
+
+        def score(self, outputs, targets, reference):
+            return {"top2": (outputs.topk(2, dim=1).indices == targets[:, None]).any(1).double()}
+
+    class Plugin:
+        @hookimpl
+        def register_tasks(self, registry):
+            registry.add(TopTwo)
+
+    plugins = load_plugins(extra=[("top-two", Plugin())])
+    path = write_pipeline(tmp_path, [{"train": {"epochs": 3}}], task="top-two")
+    ctx = PipelineRunner(validate(path, plugins=plugins), tracking_uri=store).run()
+    figures = ctx.results["0-train"].metrics
+    assert figures["top2"] > 0.8 and "accuracy" not in figures  # the task's metrics, no others
+    from compressflow.errors import PluginError
+
+    with pytest.raises(PluginError, match="task 'top-two' is registered twice"):
+        load_plugins(extra=[("a", Plugin()), ("b", Plugin())])

@@ -50,6 +50,9 @@ def test_lineage_in_mlflow(quickstart):
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["compressflow.pipeline_hash"]
     assert parent.data.tags["compressflow.version"]
+    # the UI's Source column names the pipeline file, not the Python module that ran it
+    assert parent.data.tags["mlflow.source.name"].endswith("pipelines/quickstart.yaml")
+    assert parent.data.tags["compressflow.task"] == "classification"
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"pipeline.yaml", "pipeline.resolved.yaml", "summary.md", "summary.json"} <= artifacts
     names = [r.info.run_name for r in sorted(children, key=lambda r: r.info.start_time)]
@@ -58,6 +61,8 @@ def test_lineage_in_mlflow(quickstart):
         assert run.info.status == "FINISHED"
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert STAGE_METRICS <= set(run.data.metrics), run.info.run_name
+        # the data the stage used, as MLflow dataset inputs (the UI's Dataset column)
+        assert [i.dataset.name for i in run.inputs.dataset_inputs] == ["digits"], run.info.run_name
     by_name = {r.info.run_name: r for r in children}
     assert by_name["4-quantize"].data.metrics["size_bytes"] < by_name["3-finetune"].data.metrics["size_bytes"]
     assert by_name["2-prune"].data.metrics["sparsity"] > 0.75
