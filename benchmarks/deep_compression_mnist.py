@@ -41,11 +41,26 @@ def mean_std(values: list[float], fmt: str) -> str:
     return f"{format(statistics.mean(values), fmt)} +- {format(spread, fmt)}"
 
 
-def run_model(model: str, seeds: int, overrides: list[str], first: int = 0
-              ) -> tuple[list[dict], list[float]]:
-    """Every seed of one model's pipeline."""
-    return run_seeds(REPO / "pipelines" / f"deep-compression-mnist-{model}.yaml", seeds,
-                     overrides, first)
+def run_model(model: str, seeds: int, overrides: list[str], first: int = 0, jobs: int = 1,
+              threads: int = 1) -> tuple[list[dict], list[float]]:
+    """Every seed of one model's pipeline; with ``jobs`` > 1, seeds run in that many worker
+    processes at once (each with ``threads`` torch threads), their rows gathered in order."""
+    pipeline = REPO / "pipelines" / f"deep-compression-mnist-{model}.yaml"
+    if jobs <= 1:
+        return run_seeds(pipeline, seeds, overrides, first)
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(jobs, initializer=_worker_init, initargs=(threads,)) as pool:
+        parts = pool.starmap(run_seeds, [(pipeline, 1, overrides, seed)
+                                         for seed in range(first, first + seeds)])
+    return [p[0][0] for p in parts], [p[1][0] for p in parts]
+
+
+def _worker_init(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def print_table(model: str, per_seed: list[dict], timings: list[float]) -> None:
@@ -80,13 +95,15 @@ def main() -> None:
                         help="start there (to spread seeds over processes)")
     parser.add_argument("--models", nargs="+", choices=sorted(PAPER), default=["lenet300", "lenet5"])
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--jobs", type=int, default=1, help="seeds run at once, in worker processes")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(REPO))
-    results = {m: run_model(m, args.seeds, args.overrides, args.first_seed) for m in args.models}
+    results = {m: run_model(m, args.seeds, args.overrides, args.first_seed, args.jobs, args.threads)
+               for m in args.models}
     for model, (per_seed, timings) in results.items():
         print_table(model, per_seed, timings)
 
