@@ -7,6 +7,8 @@ explicit ``pip_requirements`` (inferring them costs seconds a call).
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,9 +54,15 @@ class LoggedStage:
     metrics: dict[str, float]
 
 
+_PARAM_KEY = re.compile(r"^[\w\-. :/]+$")  # what MLflow accepts in a param's name
+
+
 def flatten(prefix: str, value: Any) -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``, for MLflow params."""
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``, for MLflow params. A mapping whose keys MLflow
+    cannot name (layer patterns such as ``features.*``) stays one param, as JSON."""
     if isinstance(value, dict):
+        if not all(_PARAM_KEY.match(str(key)) for key in value):
+            return {prefix: json.dumps(value, sort_keys=True)}
         out: dict[str, Any] = {}
         for key, item in value.items():
             out.update(flatten(f"{prefix}.{key}" if prefix else str(key), item))

@@ -1,0 +1,33 @@
+"""What goes to MLflow: params MLflow can name, dataset inputs, the tag constants."""
+
+from __future__ import annotations
+
+import json
+
+from compressflow.tracking import Tag, flatten
+
+
+def test_flatten_names_nested_params_and_keeps_pattern_keys_whole():
+    params = {"bits": 5, "layer_bits": {"features.*": 8}, "per_layer": {"features.0": 0.3}}
+    flat = flatten("", params)
+    assert flat["bits"] == 5 and flat["per_layer.features.0"] == 0.3
+    assert json.loads(flat["layer_bits"]) == {"features.*": 8}  # '*' is no MLflow name
+
+
+def test_a_stage_with_layer_patterns_logs_its_params(tmp_path, store):
+    from mlflow.tracking import MlflowClient
+
+    from compressflow.engine import validate
+    from compressflow.runner import PipelineRunner
+    from tests.conftest import write_pipeline
+
+    path = write_pipeline(tmp_path, [
+        {"train": {"epochs": 1}},
+        {"name": "shared", "quantize": {"method": "kmeans", "bits": 4, "layer_bits": {"layers.*": 3},
+                                        "finetune_epochs": 0}}], tracking={"log_models": False})
+    ctx = PipelineRunner(validate(path), tracking_uri=store).run()
+    client = MlflowClient(store)
+    run = next(r for r in client.search_runs([client.get_experiment_by_name("test").experiment_id])
+               if r.info.run_name == "shared")
+    assert json.loads(run.data.params["layer_bits"]) == {"layers.*": 3}
+    assert run.data.tags[Tag.KIND] == "quantize" and ctx.results["shared"].metrics["accuracy"] > 0
