@@ -71,13 +71,14 @@ class Loader:
 
 
 def split_sizes(bundle: DataBundle) -> dict[str, int]:
-    """Samples in each split whose dataset has a length."""
+    """Samples in each split whose dataset has a length, named as :class:`DataInfo` names
+    them (the evaluated split is ``eval``)."""
     sizes = {}
-    for split in ("train", "val", "calibration", "holdout"):
-        loader = getattr(bundle, split)
-        dataset = getattr(loader, "dataset", None)
+    for split, name in (("train", "train"), ("val", "eval"), ("calibration", "calibration"),
+                        ("holdout", "holdout")):
+        dataset = getattr(getattr(bundle, split), "dataset", None)
         if dataset is not None and hasattr(dataset, "__len__"):
-            sizes[split] = len(dataset)
+            sizes[name] = len(dataset)
     return sizes
 
 

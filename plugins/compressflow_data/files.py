@@ -40,19 +40,21 @@ VAL_BATCH = 256  # the evaluated split of tensor data is read in large batches (
 
 def require_file(path: Path, ctx: DataContext, key: str, expected: str) -> None:
     """ConfigError naming ``path`` and the pipeline's place unless it is a file."""
-    if path.is_file():
-        return
-    problem = "is a folder, not a file" if path.is_dir() else "does not exist"
-    raise ConfigError(f"{ctx.place}: data.args.{key}: {path} {problem}",
-                      f"{key} is {expected}; a relative path starts at the pipeline's folder "
-                      f"({ctx.base_dir})")
+    _require(path, ctx, key, expected, folder=False)
 
 
 def require_folder(path: Path, ctx: DataContext, key: str, expected: str) -> None:
     """ConfigError naming ``path`` and the pipeline's place unless it is a folder."""
-    if path.is_dir():
+    _require(path, ctx, key, expected, folder=True)
+
+
+def _require(path: Path, ctx: DataContext, key: str, expected: str, *, folder: bool) -> None:
+    if path.is_dir() if folder else path.is_file():
         return
-    problem = "is a file, not a folder" if path.exists() else "does not exist"
+    if not path.exists():
+        problem = "does not exist"
+    else:
+        problem = "is a file, not a folder" if folder else "is a folder, not a file"
     raise ConfigError(f"{ctx.place}: data.args.{key}: {path} {problem}",
                       f"{key} is {expected}; a relative path starts at the pipeline's folder "
                       f"({ctx.base_dir})")

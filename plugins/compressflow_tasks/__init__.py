@@ -81,12 +81,6 @@ class Embedding(Task):
             raise ValueError("the embedding task learns to match a reference model's embeddings")
         return (1 - F.cosine_similarity(outputs.float(), reference.float(), dim=-1)).mean()
 
-    def score(self, outputs, targets, reference):
-        import torch.nn.functional as F
-
-        cosine = F.cosine_similarity(outputs.double(), reference.double(), dim=-1)
-        return {"cosine_mean": cosine, "cosine_min": cosine}
-
     def evaluate(self, model, loader, reference=None):
         import torch
 
