@@ -1,27 +1,44 @@
 """The pipeline file: YAML (safe_load only) to a validated PipelineSpec, every error at file:line.
 
 Stage params are not validated here: only their plugins know them. The engine validates
-them with :func:`stage_params`, which maps pydantic's errors back to lines of this file.
+them, and :func:`config_error` maps pydantic's errors back to lines of this file. The YAML
+itself is read within bounds by :mod:`compressflow.yamlsafe`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from compressflow.errors import ConfigError
-from compressflow.stage import MODEL_REFS, DataSpec, ModelSpec
+from compressflow.stage import MODEL_REFS, DataSpec, ModelSpec, refuse_bool_for_number
 from compressflow.task import DEFAULT_TASK
+from compressflow.yamlsafe import compose, file_place, read_text
 
 STAGE_KEYS = ("name", "data", "gate")
 OPTIONAL_SECTIONS = ("evaluation", "measure", "tracking", "task")
 Path_ = tuple[Any, ...]
+SEED_LIMIT = 2**32
+"""Seeds stay below this: numpy's generators and scikit-learn's ``random_state`` take no more."""
+
+
+class _Spec(BaseModel):
+    """Base of the pipeline's own sections: unknown keys are errors, floats are finite and
+    numbers are not booleans (``max_metric_drop: no`` is a slip, not 0)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_number(cls, value: Any, info: ValidationInfo) -> Any:
+        return refuse_bool_for_number(cls, value, info.field_name)
 
 
 class TaskSpec(BaseModel):
@@ -35,24 +52,22 @@ class TaskSpec(BaseModel):
         return dict(self.model_extra or {})
 
 
-class EvaluationSpec(BaseModel):
+class EvaluationSpec(_Spec):
     """What is measured on the evaluated split after every stage: every metric of the task."""
 
-    model_config = ConfigDict(extra="forbid")
     metric: str | None = Field(
         None, description="the headline metric (gates, summary); default: the task's own")
     extra: list[str] = Field(default_factory=list, description="registered extra metrics, also measured")
 
 
-class MeasureSpec(BaseModel):
+class MeasureSpec(_Spec):
     """How latency is measured: each model interleaved with the input model, round by round."""
 
-    model_config = ConfigDict(extra="forbid")
     latency: bool = True
     threads: int = Field(1, ge=1, description="torch threads while timing")
     warmup: int = Field(5, ge=0)
     repeats: int = Field(30, ge=3, description="timed rounds at the first batch size")
-    batch_sizes: list[int] = Field(
+    batch_sizes: list[Annotated[int, Field(ge=1, le=2**20)]] = Field(
         default_factory=lambda: [1, 64], min_length=1, description="latency_ms_b<N> for each")
     seq_len: int | None = Field(
         None, ge=1, description="tokens per example input (text); default: as the data gives")
@@ -62,15 +77,19 @@ class TrackingSpec(BaseModel):
     """Where results go; the default store is sqlite:///mlflow.db in the working folder."""
 
     model_config = ConfigDict(extra="forbid")
-    experiment: str | None = Field(None, description="default: the pipeline's name")
+    experiment: str | None = Field(None, min_length=1, pattern=r"^[^\x00-\x1f]+$",
+                                   description="default: the pipeline's name")
     uri: str | None = Field(None, description="default: sqlite:///mlflow.db")
     log_models: bool = Field(True, description="log every stage's model")
+    artifacts: str | None = Field(
+        None, description="where a new experiment keeps its artifacts: a folder (absolute, or "
+        "relative to the current folder) or a URI; default: <db file>.artifacts beside a sqlite "
+        "store. An existing experiment keeps its own")
 
 
-class GateSpec(BaseModel):
+class GateSpec(_Spec):
     """A quality gate on a stage's result, against ``input``, ``previous`` or a stage."""
 
-    model_config = ConfigDict(extra="forbid")
     max_metric_drop: float | None = Field(None, ge=0, description="task metric may fall by this much")
     min_size_ratio: float | None = Field(None, gt=0, description="at least this many times smaller")
     max_latency_ms_b1: float | None = Field(None, gt=0, description="batch-1 latency ceiling (ms)")
@@ -78,31 +97,30 @@ class GateSpec(BaseModel):
     on_fail: Literal["stop", "continue"] = Field("stop", description="stop: exit 3")
 
 
-class RegisterSpec(BaseModel):
+class RegisterSpec(_Spec):
     """Register the final model (a sweep: the selected variant's) in the model registry."""
 
-    model_config = ConfigDict(extra="forbid")
     name: str = Field(pattern=r"^[\w.-]+$")
     alias: str | None = Field(None, pattern=r"^[A-Za-z][\w-]*$")
 
 
-class SelectSpec(BaseModel):
+class SelectSpec(_Spec):
     """How a sweep picks its model: among the Pareto front, within a drop, then the cheapest."""
 
-    model_config = ConfigDict(extra="forbid")
     rule: Literal["pareto-best"] = "pareto-best"
     max_metric_drop: float = Field(0.0, ge=0, description="below the best variant's metric")
     then: Literal["smallest", "fastest", "fewest-macs"] = "smallest"
 
 
-class PipelineSpec(BaseModel):
+class PipelineSpec(_Spec):
     """A whole pipeline file; ``stages`` stay raw here and become StageEntry objects."""
 
     # `register` would shadow a BaseModel attribute, so the field has another name
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(populate_by_name=True)
     name: str = Field(pattern=r"^[\w.-]+$")
     description: str = ""
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=SEED_LIMIT,
+                      description="0 <= seed < 2**32; stage i runs with seed + i + 1")
     model: ModelSpec
     data: DataSpec
     task: TaskSpec = Field(default_factory=TaskSpec, description="default: classification")
@@ -167,7 +185,7 @@ def load_pipeline(path: str | Path, overrides: list[Override] = ()) -> PipelineF
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such file", "check the path of the pipeline file")
-    text = path.read_text()
+    text = read_text(path)
     raw, lines = _parse_yaml(text, path)
     applied = {}
     for override in overrides:
@@ -178,34 +196,25 @@ def load_pipeline(path: str | Path, overrides: list[Override] = ()) -> PipelineF
         loaded.spec = PipelineSpec.model_validate(raw)
     except ValidationError as error:
         raise config_error(error, loaded, (), "pipeline") from None
+    _check_seed(loaded)
     loaded.stages = _stage_entries(loaded)
     return loaded
 
 
+def _check_seed(loaded: PipelineFile) -> None:
+    # every stage derives its own seed, and each must stay in numpy's range too
+    last = loaded.spec.seed + len(loaded.spec.stages)
+    if last >= SEED_LIMIT:
+        raise ConfigError(
+            f"{loaded.place(('seed',))}: seed {loaded.spec.seed} is too large for "
+            f"{len(loaded.spec.stages)} stage(s): stage i runs with seed + i + 1, which must "
+            f"stay below 2**32", f"use a seed below {SEED_LIMIT - len(loaded.spec.stages)}")
+
+
 def _parse_yaml(text: str, path: Path) -> tuple[dict[str, Any], dict[Path_, int]]:
-    loader = yaml.SafeLoader(text)
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            raise ConfigError(f"{path}: the file is empty", "a pipeline needs name, model, data and stages")
-        data = loader.construct_document(node)
-    except yaml.constructor.ConstructorError as error:
-        line = error.problem_mark.line + 1 if error.problem_mark else "?"
-        tag = getattr(error, "problem", "")
-        raise ConfigError(
-            f"{path}:{line}: YAML tag refused: {tag}",
-            "pipelines are read with yaml.safe_load: tags that build Python objects are "
-            "never executed; write plain values",
-        ) from None
-    except yaml.MarkedYAMLError as error:
-        mark = error.problem_mark or error.context_mark
-        line = mark.line + 1 if mark else "?"
-        raise ConfigError(
-            f"{path}:{line}: malformed YAML: {error.problem or error.context}",
-            "check indentation and quoting around that line",
-        ) from None
-    finally:
-        loader.dispose()
+    data, node = compose(text, file_place(path))
+    if node is None:
+        raise ConfigError(f"{path}: the file is empty", "a pipeline needs name, model, data and stages")
     if not isinstance(data, dict):
         raise ConfigError(
             f"{path}:{node.start_mark.line + 1}: the document is a {type(data).__name__}, "
@@ -261,9 +270,19 @@ def _apply_override(raw: dict[str, Any], override: Override) -> str:
         value = override[1]
     else:
         # a string stays a string ("001" is a name, not a number); anything else is read as YAML
-        value = text if isinstance(current, str) else yaml.safe_load(text)
+        value = text if isinstance(current, str) else _override_value(dotted, text)
     node[last] = value
     return dotted
+
+
+def _override_value(dotted: str, text: str) -> Any:
+    try:
+        return compose(text, lambda _line: f"--set {dotted}: value {text!r}")[0]
+    except ConfigError as error:
+        if "malformed YAML" in error.message:
+            error.hint = ("the value after '=' is read as YAML: quote a string that starts "
+                          "with [, {, *, &, ! or @ or holds a tab: --set 'description=\"@home\"'")
+        raise
 
 
 def _child(node: Any, part: Any, walked: list[Any], dotted: str) -> Any:
@@ -286,42 +305,77 @@ def _child(node: Any, part: Any, walked: list[Any], dotted: str) -> Any:
 def _stage_entries(loaded: PipelineFile) -> list[StageEntry]:
     entries, names = [], set()
     for index, item in enumerate(loaded.spec.stages):
-        loc = ("stages", index)
-        place = loaded.place(loc)
-        if not isinstance(item, dict):
-            raise ConfigError(f"{place}: stage {index} is not a mapping", "write `- <kind>: {params}`")
-        kinds = [k for k in item if k not in STAGE_KEYS]
-        if len(kinds) != 1:
+        entry = _stage_entry(loaded, index, item)
+        if entry.name in names or entry.name in MODEL_REFS:
             raise ConfigError(
-                f"{place}: stage {index} must hold exactly one kind key, found "
-                f"{', '.join(map(str, kinds)) or 'none'}",
-                "a stage entry is `<kind>: {params}` plus optional `name` and `data`",
-            )
-        kind = str(kinds[0])
-        params = item[kind] if item[kind] is not None else {}
-        if not isinstance(params, dict):
-            raise ConfigError(f"{loaded.place(loc + (kind,))}: params of '{kind}' must be a mapping")
-        params = dict(params)
-        method = params.pop("method", None)
-        name = str(item.get("name") or f"{index}-{kind}")
-        if name in names or name in MODEL_REFS:
-            raise ConfigError(
-                f"{loaded.place(loc + ('name',))}: stage name '{name}' is "
-                + ("reserved" if name in MODEL_REFS else "used twice"),
+                f"{loaded.place(('stages', index, 'name'))}: stage name '{entry.name}' is "
+                + ("reserved" if entry.name in MODEL_REFS else "used twice"),
                 "give every stage a unique name other than 'input' and 'previous'",
             )
-        names.add(name)
-        data = item.get("data")
-        if data is not None and not isinstance(data, dict):
-            raise ConfigError(f"{loaded.place(loc + ('data',))}: a stage's data must be a mapping")
-        gate = None
-        if item.get("gate") is not None:
-            try:
-                gate = GateSpec.model_validate(item["gate"])
-            except ValidationError as error:
-                raise config_error(error, loaded, loc + ("gate",), f"stage '{name}' gate") from None
-        entries.append(StageEntry(index, name, kind, method, params, data, gate))
+        names.add(entry.name)
+        entries.append(entry)
     return entries
+
+
+def _stage_entry(loaded: PipelineFile, index: int, item: Any) -> StageEntry:
+    loc = ("stages", index)
+    kind = _stage_kind(item, index, loaded.place(loc))
+    params = item[kind] if item[kind] is not None else {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"{loaded.place(loc + (kind,))}: params of '{kind}' must be a mapping")
+    params = dict(params)
+    method = params.pop("method", None)
+    if method is not None and not isinstance(method, str):
+        raise ConfigError(
+            f"{loaded.place(loc + (kind, 'method'))}: stage {index}: method must be a "
+            f"name, not {type(method).__name__} {method!r}",
+            f"write method: <name>; `compressflow plugins` lists the methods of '{kind}'")
+    name = _stage_name(item.get("name"), index, kind, loaded.place(loc + ("name",)))
+    data = item.get("data")
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{loaded.place(loc + ('data',))}: a stage's data must be a mapping")
+    gate = None
+    if item.get("gate") is not None:
+        try:
+            gate = GateSpec.model_validate(item["gate"])
+        except ValidationError as error:
+            raise config_error(error, loaded, loc + ("gate",), f"stage '{name}' gate") from None
+    return StageEntry(index, name, kind, method, params, data, gate)
+
+
+def _stage_kind(item: Any, index: int, place: str) -> str:
+    if not isinstance(item, dict):
+        raise ConfigError(f"{place}: stage {index} is not a mapping", "write `- <kind>: {params}`")
+    kinds = [k for k in item if k not in STAGE_KEYS]
+    if len(kinds) != 1:
+        raise ConfigError(
+            f"{place}: stage {index} must hold exactly one kind key, found "
+            f"{', '.join(map(str, kinds)) or 'none'}",
+            "a stage entry is `<kind>: {params}` plus optional `name` and `data`",
+        )
+    if not isinstance(kinds[0], str):
+        raise ConfigError(f"{place}: stage {index}: the kind key must be a name, not "
+                          f"{type(kinds[0]).__name__} {kinds[0]!r}",
+                          "write `- <kind>: {params}`, e.g. `- prune: {sparsity: 0.5}`")
+    return kinds[0]
+
+
+_BAD_NAME = re.compile(r"[/\\\x00-\x1f\x7f]")
+
+
+def _stage_name(value: Any, index: int, kind: str, place: str) -> str:
+    if value is None or value == "":
+        return f"{index}-{kind}"
+    # a number is a fine name (`name: 1`); a list or mapping is a mistake, and so is `yes`
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ConfigError(f"{place}: stage {index}: name must be a string, not "
+                          f"{type(value).__name__} {value!r}", "write name: <text>")
+    name = str(value)
+    # the name becomes a folder prefix and an MLflow run name
+    if _BAD_NAME.search(name):
+        raise ConfigError(f"{place}: stage {index}: name {name!r} holds a path separator or "
+                          "a control character", "use letters, digits, spaces, '.', '_', '-'")
+    return name
 
 
 def config_error(error: ValidationError, loaded: PipelineFile, root: Path_, what: str) -> ConfigError:

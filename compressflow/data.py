@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 class DataSpec(BaseModel):
     """The data a pipeline (or, with overrides, one stage) trains and evaluates on."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     dataset: str = Field(description="a registered dataset: digits, idx, csv, npz, ...")
     batch_size: int = Field(64, ge=1)
@@ -56,7 +56,7 @@ DataPath = Annotated[Path, AfterValidator(_resolve_from_pipeline)]
 class DatasetParams(BaseModel):
     """Base of every dataset's settings: unknown keys are errors, values are validated."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 @dataclass
@@ -101,6 +101,17 @@ class DataBundle:
     holdout: DataLoader | None = None
     info: DataInfo | None = None
 
+    def reseed(self, seed: int) -> None:
+        """Restart every shuffling generator of the loaders at ``seed``.
+
+        The engine calls this before each stage runs, with the stage's seed: a stage's
+        batches then follow from its own seed and key alone, not from how far earlier stages
+        (run, reused or resumed) advanced a generator the loaders share.
+        """
+        for loader in (self.train, self.val, self.calibration, self.holdout):
+            for generator in _generators(loader):
+                generator.manual_seed(seed)
+
     def example_input(self, batch: int = 1, task: Task | None = None, seq_len: int | None = None) -> Any:
         """``batch`` real validation inputs (for signatures, MACs and latency)."""
         if task is None:
@@ -108,6 +119,20 @@ class DataBundle:
 
             task = Task()
         return task.examples(self.val, batch, seq_len)
+
+
+def _generators(loader: Any) -> list[Any]:
+    """The distinct torch generators a loader draws from (its own, its samplers')."""
+    import torch
+
+    found: list[Any] = []
+    sampler = getattr(loader, "sampler", None)
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    for owner in (loader, sampler, getattr(batch_sampler, "sampler", None)):
+        generator = getattr(owner, "generator", None)
+        if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
+            found.append(generator)
+    return found
 
 
 @dataclass

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from compressflow.config import PipelineFile, StageEntry, config_error, load_pipeline
 from compressflow.errors import ConfigError
+from compressflow.fingerprint import code_digest
 from compressflow.plugins import Plugins, load_plugins
 from compressflow.registry import Provider, nearest
 from compressflow.data import DataContext, Dataset
@@ -81,7 +82,9 @@ def validate(path: str | Path, overrides: list[str] = (), plugins: Plugins | Non
                          "data": spec.data.model_dump(mode="json"),
                          "evaluation": spec.evaluation.model_dump(mode="json"),
                          "measure": spec.measure.model_dump(mode="json"),
-                         "source": str(plugins.model_sources.providers[spec.model.scheme])})
+                         "source": str(plugins.model_sources.providers[spec.model.scheme]),
+                         "code": [code_digest(plugins.model_sources.get(spec.model.scheme)),
+                                  code_digest(plugins.datasets.get(spec.data.dataset))]})
     previous = input_key
     for stage in planned:
         stage.key = previous = stage_key(previous, stage)
@@ -157,7 +160,8 @@ def _digest(document: dict) -> str:
 
 
 def stage_key(input_key: str, planned: PlannedStage) -> str:
-    """The stage's identity: its input's key, kind/method, plugin and version, params, data.
+    """The stage's identity: its input's key, kind/method, plugin and version, a digest of
+    its plugin's code (:mod:`compressflow.fingerprint`), params, data.
 
     Two stages with equal keys do the same work on the same model, so a sweep may reuse one
     for the other. The seed and evaluation settings enter through the input's key.
@@ -165,6 +169,7 @@ def stage_key(input_key: str, planned: PlannedStage) -> str:
     stage = planned.stage
     return _digest({"input": input_key, "kind": stage.kind, "method": stage.method,
                     "plugin": f"{planned.provider.distribution} {planned.provider.version}",
+                    "code": code_digest(stage),
                     "params": stage.params.model_dump(mode="json"),
                     "data": planned.data.model_dump(mode="json"), "index": planned.entry.index})
 

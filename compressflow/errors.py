@@ -39,3 +39,9 @@ class StageFailed(CompressflowError):
     """A stage raised while running; earlier stages' results stay logged."""
 
     exit_code = 1
+
+
+class LoggingFailed(CompressflowError):
+    """Writing a run's outcome to the store failed; what was logged before stays."""
+
+    exit_code = 1

@@ -11,8 +11,9 @@ hooks below, declared in the entry-point group ``compressflow`` of its distribut
     lowrank = "compressflow_lowrank"
 
 Registration hooks run once, when plugins load, and hand the plugin a registrar; a name
-registered twice is an error that names both plugins. Lifecycle hooks are for observers (a
+registered twice is a conflict that names both plugins. Lifecycle hooks are for observers (a
 notifier, a report, a progress bar): they see every pipeline and stage but change nothing.
+One that raises is reported as a warning naming the plugin and the hook, and the run goes on.
 A plugin implements only the hooks it needs, with only the parameters it needs.
 """
 

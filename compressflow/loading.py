@@ -31,7 +31,7 @@ class Loader:
         context = source_context(self.plan.file, model_spec, place, self.uri,
                                  lambda inner: self.build_model(inner, place))
         try:
-            return load(model_spec.reference, model_spec.args, context)
+            model = load(model_spec.reference, model_spec.args, context)
         except CompressflowError:
             raise
         except Exception as error:
@@ -39,6 +39,16 @@ class Loader:
                 f"{place}: model source '{model_spec.source}' failed: {type(error).__name__}: {error}",
                 "check the reference and args; COMPRESSFLOW_DEBUG=1 shows the traceback",
             ) from error
+        from torch import nn
+
+        # an import: factory may return anything; every stage and measure needs a Module
+        if not isinstance(model, nn.Module):
+            raise ConfigError(
+                f"{place}: model source '{model_spec.source}' returned a "
+                f"{type(model).__module__}.{type(model).__qualname__}, not a torch nn.Module",
+                "the source must build a model: for import:, a factory (or class) whose call "
+                "returns an nn.Module")
+        return model
 
     def data_for(self, data_spec: DataSpec) -> DataBundle:
         """The loaders for ``data_spec``, built once per distinct spec."""

@@ -1,7 +1,9 @@
 """Registrars handed to the ``register_*`` hooks, and the lookups the engine makes in them.
 
 Every entry remembers the plugin that added it, so that a duplicate name can name both
-providers and ``compressflow plugins`` can say which distribution a stage comes from.
+providers and ``compressflow plugins`` can say which distribution a stage comes from. A
+duplicate is a :class:`Conflict`: ``compressflow plugins`` lists it, every other command
+refuses to run with it.
 """
 
 from __future__ import annotations
@@ -33,6 +35,14 @@ class Provider:
 UNKNOWN_PROVIDER = Provider("<unknown>")
 
 
+class Conflict(PluginError):
+    """Two plugins registered the same name (or two default methods of one kind).
+
+    Not a broken plugin: either of the two might be the one the user meant, so no command
+    may pick one silently.
+    """
+
+
 def nearest(word: str, known: list[str]) -> str:
     """A ' (did you mean X?)' suffix when ``word`` is close to one of ``known``."""
     close = difflib.get_close_matches(word, known, n=1, cutoff=0.6)
@@ -48,11 +58,13 @@ class Registry(Generic[T]):
         self.entries: dict[str, T] = {}
         self.providers: dict[str, Provider] = {}
         self.current_provider = UNKNOWN_PROVIDER
+        # the loader names the plugins that failed: an unknown name may have been theirs
+        self.broken_note = ""
 
     def add(self, name: str, value: T) -> None:
-        """Register ``value`` under ``name``; a name taken by any plugin raises PluginError."""
+        """Register ``value`` under ``name``; a name taken by any plugin raises Conflict."""
         if name in self.entries:
-            raise PluginError(
+            raise Conflict(
                 f"{self.what} '{name}' is registered twice: by {self.providers[name]} "
                 f"and by {self.current_provider}",
                 "uninstall one of the two distributions, or rename the entry in one of them",
@@ -67,7 +79,8 @@ class Registry(Generic[T]):
             where = f"{place}: " if place else ""
             raise ConfigError(
                 f"{where}unknown {self.what} '{name}'{nearest(name, known)}",
-                f"known: {', '.join(known) or 'none'}; `compressflow plugins` lists them all",
+                f"known: {', '.join(known) or 'none'}; `compressflow plugins` lists them all"
+                + (f"; {self.broken_note}" if self.broken_note else ""),
             )
         return self.entries[name]
 
@@ -164,7 +177,7 @@ class StageRegistry:
         """Register a Stage subclass under its ``(kind, method)``."""
         key = (stage_class.kind, stage_class.method)
         if key in self.stages:
-            raise PluginError(
+            raise Conflict(
                 f"stage '{key[0]}/{key[1]}' is registered twice: by {self.providers[key]} "
                 f"and by {self.current_provider}",
                 "uninstall one of the two distributions, or rename the method in one of them",
@@ -173,7 +186,7 @@ class StageRegistry:
             taken = [m for (k, m), c in self.stages.items() if k == key[0] and c.default]
             if taken:
                 other = self.providers[(key[0], taken[0])]
-                raise PluginError(
+                raise Conflict(
                     f"kind '{key[0]}' has two default methods: '{taken[0]}' by {other} "
                     f"and '{key[1]}' by {self.current_provider}",
                     "only one method of a kind may set default = True",

@@ -17,19 +17,22 @@ from __future__ import annotations
 import contextlib
 import copy
 import shutil
+import sys
 import tempfile
 import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ContextManager
 
 from compressflow.engine import Plan, PlannedStage
-from compressflow.errors import CompressflowError, ConfigError, StageFailed
+from compressflow.errors import CompressflowError, ConfigError, LoggingFailed, StageFailed
 from compressflow.gates import GateFailed, gate_failures
+from compressflow.interrupts import interrupts_deferred
 from compressflow.loading import Loader
 from compressflow.measuring import Evaluator, Measurer, compare_to_input, honesty_notes
 from compressflow.provenance import log_pipeline_files, pipeline_params, pipeline_tags
 from compressflow.registration import register_final
 from compressflow.stage import PipelineContext, StageContext, StageResult
+from compressflow.store import check_uri
 from compressflow.summary import log_summary, summary_row
 from compressflow.tracking import DEFAULT_URI, LoggedStage, Tag, Tracker, flatten
 
@@ -42,6 +45,8 @@ INPUT = "input"
 class PipelineRunner:
     """Runs one Plan into one MLflow parent run.
 
+    ``resume``: continue the pipeline's latest unfinished parent run (same pipeline hash,
+    same experiment) instead of opening one: its finished stages are kept, the rest run.
     ``reuse``: take a stage's result from an earlier run with the same key. ``lock(key)``:
     held while a stage is looked up, computed and logged, so that parallel runs of a sweep
     compute each shared stage once. ``tags``/``params``: added to the parent run.
@@ -50,10 +55,11 @@ class PipelineRunner:
     def __init__(self, plan: Plan, tracking_uri: str | None = None, experiment: str | None = None,
                  *, reuse: bool = False, lock: Callable[[str], ContextManager] | None = None,
                  tags: dict[str, str] | None = None, params: dict[str, Any] | None = None,
-                 register: bool = True, run_name: str | None = None):
+                 register: bool = True, run_name: str | None = None, resume: bool = False):
         spec = plan.spec
         self.plan, self.spec, self.plugins, self.task = plan, spec, plan.plugins, plan.task
         self.uri = tracking_uri or spec.tracking.uri or DEFAULT_URI
+        check_uri(self.uri)  # before the model and data are loaded
         self.experiment = experiment or spec.tracking.experiment or spec.name
         self.ctx = PipelineContext(spec, plan.file.path, self.uri, self.experiment)
         self.reuse, self.lock = reuse, lock or (lambda key: contextlib.nullcontext())
@@ -68,6 +74,8 @@ class PipelineRunner:
         self.measurer: Measurer | None = None
         self.reused: list[str] = []
         self.model_uris: dict[str, str | None] = {}
+        self.resume = resume
+        self.kept: dict[str, LoggedStage] = {}  # resumed: the finished stages, by key
 
     # --- what stages may ask for ----------------------------------------------------------
 
@@ -88,13 +96,11 @@ class PipelineRunner:
 
         torch.manual_seed(self.spec.seed)
         self._preflight()
-        self.tracker = Tracker(self.uri, self.experiment, self.spec.tracking.log_models)
-        self.ctx.run_id = self.tracker.start_pipeline(
-            self.run_name, {**pipeline_tags(self.plan), **self.extra_tags},
-            {**pipeline_params(self.plan), **self.extra_params})
-        log_pipeline_files(self.tracker, self.plan)
+        self.tracker = Tracker(self.uri, self.experiment, self.spec.tracking.log_models,
+                               self.spec.tracking.artifacts)
+        self._open_parent()
         self.plugins.pipeline_start(self.ctx)
-        status = "FAILED"
+        status, in_flight = "FAILED", None
         try:
             self._run_input()
             for planned in self.plan.stages:
@@ -102,12 +108,68 @@ class PipelineRunner:
             status = "FINISHED"
             if self.register_model:
                 register_final(self.tracker, self.spec.registration, self._final_model_uri())
+        except BaseException as error:
+            in_flight = error
+            status = "FAILED" if isinstance(error, Exception) else "KILLED"
+            raise
         finally:
-            log_summary(self.tracker, self.ctx, self.spec.evaluation.metric, self.workdir,
-                        self._final_model_uri())
-            self.tracker.end_pipeline(status)
-            self.plugins.pipeline_end(self.ctx, status)
+            self._finish(status, in_flight)
         return self.ctx
+
+    def _finish(self, status: str, in_flight: BaseException | None) -> None:
+        """The summary, then the parent's status: always the pipeline's outcome.
+
+        Signals wait until both are written. A failure to log (a full disk, say) touches
+        nothing already logged; it is one message, raised unless another error is already
+        on its way out, which it must not replace.
+        """
+        failures: list[str] = []
+        with interrupts_deferred():
+            try:
+                log_summary(self.tracker, self.ctx, self.spec.evaluation.metric, self.workdir,
+                            self._final_model_uri())
+            except Exception as error:
+                failures.append(f"the summary: {type(error).__name__}: {error}")
+            try:
+                self.tracker.end_pipeline(status)
+            except Exception as error:
+                failures.append(f"the parent's status {status}: {type(error).__name__}: {error}")
+            self.plugins.pipeline_end(self.ctx, status)
+        if not failures:
+            return
+        failed = LoggingFailed(
+            f"pipeline '{self.spec.name}' ended {status}, but logging {'; '.join(failures)} "
+            f"failed (run {self.ctx.run_id} in {self.uri})",
+            "free space or fix the store's permissions; every stage logged before stays as it is")
+        if in_flight is None:
+            raise failed
+        print(f"warning: {failed.message}", file=sys.stderr)
+
+    def _open_parent(self) -> None:
+        """A new parent run, or with ``resume`` the pipeline's latest unfinished one, whose
+        finished stages are kept as they are."""
+        tags = {**pipeline_tags(self.plan), **self.extra_tags}
+        unfinished = self.tracker.unfinished_pipeline(tags[Tag.PIPELINE_HASH]) if self.resume else None
+        if unfinished is not None:
+            self.ctx.run_id = self.tracker.resume_pipeline(unfinished)
+            self.kept = self.tracker.finished_stages(unfinished)
+            return
+        if self.resume:
+            print(f"resume: no unfinished run of this pipeline in experiment "
+                  f"'{self.experiment}'; starting a new one", file=sys.stderr)
+        self.ctx.run_id = self.tracker.start_pipeline(
+            self.run_name, tags, {**pipeline_params(self.plan), **self.extra_params})
+        log_pipeline_files(self.tracker, self.plan)
+
+    def _keep(self, name: str, method: str, found: LoggedStage) -> None:
+        """A stage the interrupted attempt finished: its model and figures, as logged."""
+        result = StageResult(model=self.tracker.load_model(found.model_uri), metrics=found.metrics,
+                             notes=[f"kept from the interrupted attempt (run {found.run_id})"])
+        self.models[name] = result.model
+        self.ctx.results[name] = result
+        self.model_uris[name] = found.model_uri
+        self.reused.append(name)
+        self.ctx.summary.append(summary_row(name, method, result, self.spec.evaluation.metric, True))
 
     def _preflight(self) -> None:
         """Build the input model and every stage's data: bad input is found before any run."""
@@ -149,6 +211,9 @@ class PipelineRunner:
             self.tracker.log_dataset(evaluated, "eval")
 
     def _run_input(self) -> None:
+        if self.plan.input_key in self.kept:
+            self._keep(INPUT, "input", self.kept[self.plan.input_key])
+            return
         params = flatten("model", self.spec.model.model_dump(mode="json"))
         with self.lock(self.plan.input_key):
             found = self._find(self.plan.input_key)
@@ -197,6 +262,9 @@ class PipelineRunner:
 
     def _run_stage(self, planned: PlannedStage) -> None:
         stage, entry = planned.stage, planned.entry
+        if planned.key in self.kept:
+            self._keep(entry.name, f"{stage.kind}/{stage.method}", self.kept[planned.key])
+            return
         params = flatten("", stage.params.model_dump(mode="json"))
         params.update(flatten("data", entry.data or {}))
         previous = list(self.models)[-1]
@@ -226,7 +294,10 @@ class PipelineRunner:
         import torch
 
         stage_ctx = self._stage_context(planned)
+        # the stage's own randomness, from its seed alone: equal keys, equal work, whether
+        # earlier stages ran here, were reused or were resumed
         torch.manual_seed(stage_ctx.seed)
+        self.loader.data_for(planned.data).reseed(stage_ctx.seed)
         result = planned.stage.run(copy.deepcopy(self.models[previous]), stage_ctx)
         if not isinstance(result, StageResult):
             raise TypeError(f"run() returned {type(result).__name__}, not a StageResult")

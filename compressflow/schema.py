@@ -6,7 +6,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import ConfigDict, Field, create_model
 
-from compressflow.config import PipelineSpec
+from compressflow.config import GateSpec, PipelineSpec, TaskSpec
 from compressflow.plugins import Plugins
 from compressflow.stage import DataSpec
 
@@ -21,10 +21,12 @@ def _stage_entry_model(plugins: Plugins, kind: str):
             f"{kind}_{method}".replace("-", "_"), __base__=params,
             method=(method_type, None if default else ...)))
     params_type = variants[0] if len(variants) == 1 else Union[tuple(variants)]
+    # the keys config.STAGE_KEYS allows beside the kind, typed as config.py reads them
     return create_model(
         f"stage_{kind}", __config__=ConfigDict(extra="forbid"),
-        name=(Optional[str], Field(None, description="default: <index>-<kind>")),
+        name=(Optional[Union[str, int]], Field(None, description="default: <index>-<kind>")),
         data=(Optional[dict[str, Any]], Field(None, description="overrides of the pipeline's data")),
+        gate=(Optional[GateSpec], Field(None, description="a quality gate on this stage's result")),
         **{kind: (Optional[params_type], ...)},
     )
 
@@ -33,8 +35,12 @@ def pipeline_schema(plugins: Plugins) -> dict[str, Any]:
     """The JSON Schema of a pipeline file, with every loaded stage's params."""
     entries = [_stage_entry_model(plugins, kind) for kind in plugins.stages.kinds()]
     stage_type = Union[tuple(entries)] if len(entries) > 1 else entries[0]
+    task_field = PipelineSpec.model_fields["task"]
     model = create_model("Pipeline", __base__=PipelineSpec,
-                         stages=(list[stage_type], Field(min_length=1)))
+                         stages=(list[stage_type], Field(min_length=1)),
+                         # `task: embedding` is read as `task: {name: embedding}`
+                         task=(Union[str, TaskSpec], Field(default_factory=TaskSpec,
+                                                           description=task_field.description)))
     schema = model.model_json_schema()
     schema["$comment"] = "DataSpec fields may be overridden per stage: " + ", ".join(DataSpec.model_fields)
     # data.args and task params depend on the dataset and task named: each one's schema

@@ -9,9 +9,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, Callable, ClassVar, Literal, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from compressflow.data import DataBundle, DataSpec  # noqa: F401  (re-exported: the contract)
 
@@ -33,10 +34,44 @@ OptionalStageRef = Annotated[str | None, Field(json_schema_extra={REF_MARK: True
 """A StageRef that may be left out (``StageRef | None`` would drop the mark)."""
 
 
-class StageParams(BaseModel):
-    """Base of every stage's settings: unknown keys are errors, values are validated."""
+def wants_number(annotation: Any) -> bool:
+    """Whether a field of this type takes a number and never a boolean.
 
-    model_config = ConfigDict(extra="forbid")
+    Pydantic reads ``true`` as 1 for an ``int`` or ``float`` field; in a pipeline that is a
+    slip (``epochs: yes`` is one epoch), so number fields refuse booleans.
+    """
+    found: set[Any] = set()
+
+    def leaves(kind: Any) -> None:
+        if kind in (int, float, bool) or kind is Any:
+            found.add(kind)
+        elif get_origin(kind) not in (Literal, list, dict, tuple, set):  # containers: their own
+            for inner in get_args(kind):
+                leaves(inner)
+
+    leaves(annotation)
+    return bool(found & {int, float}) and not found & {bool, Any}
+
+
+def refuse_bool_for_number(model: type[BaseModel], value: Any, field_name: str | None) -> Any:
+    """A ``mode="before"`` validator's body: ``value``, unless it is a boolean given to a
+    number field of ``model``."""
+    info = model.model_fields.get(field_name or "")
+    if isinstance(value, bool) and info is not None and wants_number(info.annotation):
+        raise PydanticCustomError("bool_for_number", "Input should be a number, not true/false")
+    return value
+
+
+class StageParams(BaseModel):
+    """Base of every stage's settings: unknown keys are errors, values are validated, floats
+    are finite (``lr: .inf`` would train to NaN, not fail) and numbers are not booleans."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_number(cls, value: Any, info: ValidationInfo) -> Any:
+        return refuse_bool_for_number(cls, value, info.field_name)
 
     def stage_refs(self) -> dict[str, str]:
         """The params that name another model of the pipeline: ``{field: value}``."""

@@ -172,7 +172,8 @@ def run_variants(variants: list[Variant], path: str | Path, overrides: list[str]
 
     from compressflow.tracking import Tracker
 
-    Tracker(uri, experiment)  # the store and experiment exist before any worker starts
+    # the store and experiment exist before any worker starts
+    Tracker(uri, experiment, artifacts=variants[0].plan.spec.tracking.artifacts)
     sweep_id = new_sweep_id()
     lock_dir = tempfile.mkdtemp(prefix=f"compressflow-sweep-{sweep_id}-")
     job_list = [SweepJob(str(path), list(overrides), v.index, v.values, uri, experiment, sweep_id,
@@ -200,7 +201,7 @@ def summarize(variants: list[Variant], sweep_id: str, uri: str, experiment: str)
     higher = variants[0].plan.higher_is_better(metric)
     rows = compare.mark_pareto(compare.load_rows(uri, experiment, metric, by, sweep_id), higher)
     table = compare.as_table(rows, metric, by)
-    tracker = Tracker(uri, experiment)
+    tracker = Tracker(uri, experiment, artifacts=spec.tracking.artifacts)
     tracker.start_pipeline(f"sweep-{sweep_id}", {Tag.SWEEP_ID: sweep_id,
                                                  Tag.KIND: "sweep-summary"},
                            {"variants": len(variants), "mode": (spec.sweep or {}).get("mode", "product")})

@@ -54,7 +54,7 @@ class TaskMetric:
 class TaskParams(BaseModel):
     """Base of a task's settings (``task: {name: causal-lm, window: 512}``); unknown keys are errors."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 # --- inputs of any shape ------------------------------------------------------------------

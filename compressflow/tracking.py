@@ -1,6 +1,7 @@
 """MLflow, as docs/architecture.md lays it out: one parent run a pipeline, one nested run a stage.
 
-Only this module and the mlflow model source talk to MLflow. Models are logged with
+Only this module, :mod:`compressflow.store` (the store's creation, checks and runs left by
+dead processes) and the mlflow model source talk to MLflow. Models are logged with
 ``serialization_format="pickle"`` (the pt2 format fails on torch.ao quantized models) and
 explicit ``pip_requirements`` (inferring them costs seconds a call).
 """
@@ -13,6 +14,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from compressflow import store
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 MODEL_NAME = "model"
@@ -43,6 +46,10 @@ class Tag:
     GIT_COMMIT = "mlflow.source.git.commit"
     SOURCE_NAME = "mlflow.source.name"
     SOURCE_TYPE = "mlflow.source.type"
+    # who opened a run, so that a later command can close the runs of a killed process
+    PID = "compressflow.pid"
+    HOST = "compressflow.host"
+    PROCESS_START = "compressflow.process_start"
 
 
 @dataclass
@@ -87,8 +94,10 @@ def store_exists(uri: str) -> bool:
 
 def experiment_names(uri: str) -> list[str] | None:
     """The experiments of the store at ``uri`` (None: no store there; reading creates none)."""
+    store.check_uri(uri)
     if not store_exists(uri):
         return None
+    store.prepare(uri)
     from mlflow.tracking import MlflowClient
 
     quiet_mlflow_logs()
@@ -98,9 +107,12 @@ def experiment_names(uri: str) -> list[str] | None:
 def experiment_runs(uri: str, experiment: str, filter_string: str = "",
                     order_by: list[str] | None = None) -> list[Any] | None:
     """Every run of ``experiment`` (parents and stages) matching ``filter_string``; None when
-    the store or the experiment is not there."""
+    the store or the experiment is not there. Runs left RUNNING by a dead process of this host
+    are closed as KILLED first."""
+    store.check_uri(uri)
     if not store_exists(uri):
         return None
+    store.prepare(uri)
     from mlflow.tracking import MlflowClient
 
     quiet_mlflow_logs()
@@ -108,6 +120,7 @@ def experiment_runs(uri: str, experiment: str, filter_string: str = "",
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return None
+    store.close_dead_runs(client, [found.experiment_id])
     return client.search_runs([found.experiment_id], filter_string, order_by=order_by,
                               max_results=5000)
 
@@ -122,32 +135,59 @@ def git_commit(folder: Path) -> str | None:
     return done.stdout.strip() if done.returncode == 0 else None
 
 
-class Tracker:
-    """Opens and closes the runs of one pipeline and logs into the current one."""
+def open_experiment(client: Any, name: str, artifact_location: str | None) -> str:
+    """The id of experiment ``name``, created with ``artifact_location`` if it is new (an
+    existing one keeps the location it was created with: MLflow cannot move it)."""
+    from mlflow.exceptions import MlflowException
 
-    def __init__(self, uri: str, experiment: str, log_models: bool = True) -> None:
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except MlflowException:
+        found = client.get_experiment_by_name(name)  # another process created it just now
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+class Tracker:
+    """Opens and closes the runs of one pipeline and logs into the current one.
+
+    ``artifacts``: where a new experiment keeps its artifacts (``tracking.artifacts``; see
+    :func:`compressflow.store.artifact_root`): by default beside a sqlite store, never in the
+    current folder.
+    """
+
+    def __init__(self, uri: str, experiment: str, log_models: bool = True,
+                 artifacts: str | None = None) -> None:
         import mlflow
 
         quiet_mlflow_logs()
+        store.prepare(uri)
 
         self.mlflow = mlflow
         self.uri, self.experiment, self.log_models = uri, experiment, log_models
         mlflow.set_tracking_uri(uri)
-        self.experiment_id = mlflow.set_experiment(experiment).experiment_id
+        client = mlflow.MlflowClient(uri)
+        self.experiment_id = open_experiment(client, experiment, store.artifact_root(uri, artifacts))
+        mlflow.set_experiment(experiment_id=self.experiment_id)
+        store.close_dead_runs(client, [self.experiment_id])
         self.parent_id: str | None = None
         self.stage_id: str | None = None
         self.last_stage_id: str | None = None
 
     def start_pipeline(self, run_name: str, tags: dict[str, str], params: dict[str, Any]) -> str:
         """Open the parent run; returns its id."""
-        run = self.mlflow.start_run(run_name=run_name, tags=tags)
+        run = self.mlflow.start_run(run_name=run_name, tags={**tags, **store.process_tags()})
         self.parent_id = run.info.run_id
         self.mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
         return self.parent_id
 
     def start_stage(self, name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
         """Open a nested run under the parent; returns its id."""
-        run = self.mlflow.start_run(run_name=name, nested=True, tags=tags)
+        run = self.mlflow.start_run(run_name=name, nested=True, tags={**tags, **store.process_tags()})
         self.stage_id = self.last_stage_id = run.info.run_id
         if params:
             self.mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
@@ -237,6 +277,44 @@ class Tracker:
                 origin = run.data.tags.get(Tag.REUSED_FROM, run.info.run_id)
                 return LoggedStage(origin, run.data.tags[Tag.MODEL_URI], dict(run.data.metrics))
         return None
+
+    def unfinished_pipeline(self, pipeline_hash: str) -> str | None:
+        """The parent run to resume: the latest run of the pipeline with ``pipeline_hash`` in
+        this experiment, when it did not finish (None when it did, or there is none)."""
+        from compressflow.errors import ConfigError
+
+        runs = self.mlflow.search_runs(
+            experiment_ids=[self.experiment_id], output_format="list", max_results=50,
+            filter_string=f"tags.`{Tag.PIPELINE_HASH}` = '{pipeline_hash}'",
+            order_by=["attributes.start_time DESC"])
+        parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+        if not parents or parents[0].info.status == "FINISHED":
+            return None
+        latest = parents[0]
+        if latest.info.status == "RUNNING":
+            raise ConfigError(
+                f"run {latest.info.run_id} of this pipeline is still running "
+                f"(pid {latest.data.tags.get(Tag.PID, '?')} on {latest.data.tags.get(Tag.HOST, '?')})",
+                "wait for it, or stop it (its runs are then marked KILLED) and resume")
+        return latest.info.run_id
+
+    def resume_pipeline(self, run_id: str) -> str:
+        """Reopen the parent run ``run_id`` (RUNNING again, in this process)."""
+        self.mlflow.start_run(run_id=run_id)
+        self.parent_id = run_id
+        from compressflow.store import process_tags
+
+        self.mlflow.set_tags(process_tags())  # this process holds it now
+        return run_id
+
+    def finished_stages(self, parent_id: str) -> dict[str, LoggedStage]:
+        """The stage runs under ``parent_id`` that finished with a logged model, by key."""
+        runs = self.mlflow.search_runs(
+            experiment_ids=[self.experiment_id], output_format="list", max_results=1000,
+            filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'FINISHED'")
+        return {r.data.tags[Tag.STAGE_KEY]: LoggedStage(r.info.run_id, r.data.tags[Tag.MODEL_URI],
+                                                        dict(r.data.metrics))
+                for r in runs if r.data.tags.get(Tag.STAGE_KEY) and r.data.tags.get(Tag.MODEL_URI)}
 
     def load_model(self, uri: str) -> Any:
         """A model logged to this store."""

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from pydantic import Field
 
+from compressflow.errors import CompressflowError
 from compressflow.stage import StageParams
 
 if TYPE_CHECKING:
@@ -36,6 +37,20 @@ class TrainParams(StageParams):
     momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")
     weight_decay: float = Field(0.0, ge=0)
     schedule: Literal["constant", "cosine"] = Field("constant", description="lr over epochs")
+
+
+class Diverged(CompressflowError):
+    """The training loss became NaN or infinite: the stage stops (exit 1) rather than log
+    a model that learned nothing."""
+
+    exit_code = 1
+
+    def __init__(self, epoch: int, step: int, value: float, params: TrainParams) -> None:
+        super().__init__(
+            f"training diverged: the loss is {value} at epoch {epoch}, batch {step} "
+            f"(lr {params.lr:g}, {params.optimizer})",
+            "lower lr; check the stage's other settings (a temperature near zero, say) and "
+            "the data for NaN or inf values")
 
 
 def _optimizer(model: nn.Module, params: TrainParams) -> torch.optim.Optimizer:
@@ -104,10 +119,13 @@ def fit(
     for epoch in range(1, params.epochs + 1):
         trained.train()
         running, seen = 0.0, 0
-        for batch in data.train:
+        for step, batch in enumerate(data.train, 1):
             inputs, targets = task.split(batch)
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(task.predict(model, inputs), targets, inputs)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise Diverged(epoch, step, value, params)
             loss.backward()
             optimizer.step()
             if scheduler is not None:
@@ -117,7 +135,7 @@ def fit(
             if after_step is not None:
                 after_step(model)
             count = batch_len(inputs)
-            running += float(loss.detach()) * count
+            running += value * count
             seen += count
         figures = {"train_loss": running / max(seen, 1)}
         figures.update({f"val_{k}": v for k, v in ctx.evaluate(model).items()})

@@ -62,6 +62,7 @@ def _only_experiment(uri: str) -> str:
     return names[0]
 
 
+@reports_errors
 def ui(
     tracking_uri: UriOpt = None,
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
@@ -71,9 +72,11 @@ def ui(
     import subprocess
     import sys
 
+    from compressflow.store import prepare
     from compressflow.tracking import DEFAULT_URI
 
     uri = tracking_uri or DEFAULT_URI
+    prepare(uri)  # a broken store is one message here, not the server's traceback
     typer.echo(f"MLflow UI for {uri}: http://127.0.0.1:{port}  (Ctrl-C stops it)")
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
                "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]

@@ -13,7 +13,8 @@ F = TypeVar("F", bound=Callable)
 
 
 def reports_errors(command: F) -> F:
-    """Turn a CompressflowError into ``error: ...`` / ``hint: ...`` on stderr and its exit code.
+    """Turn a CompressflowError into ``error: ...`` / ``hint: ...`` on stderr and its exit code,
+    and Ctrl-C or SIGTERM into one line and exit 130 or 143.
 
     COMPRESSFLOW_DEBUG=1 lets the exception through, traceback and all.
     """
@@ -21,9 +22,17 @@ def reports_errors(command: F) -> F:
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         from compressflow.errors import CompressflowError
+        from compressflow.interrupts import exit_code, terminate_as_interrupt
 
         try:
-            return command(*args, **kwargs)
+            with terminate_as_interrupt():
+                return command(*args, **kwargs)
+        except KeyboardInterrupt as interrupt:
+            if os.environ.get("COMPRESSFLOW_DEBUG") == "1":
+                raise
+            print("interrupted: the open runs are marked KILLED and everything logged before "
+                  "stays; `compressflow run FILE --resume` continues", file=sys.stderr)
+            raise typer.Exit(exit_code(interrupt)) from None
         except CompressflowError as error:
             if os.environ.get("COMPRESSFLOW_DEBUG") == "1":
                 raise

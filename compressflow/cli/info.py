@@ -14,11 +14,17 @@ from compressflow.cli.errors import reports_errors
 def plugins(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
-    """List every stage kind/method with the distribution that provides it and its params."""
+    """List every stage kind/method with the distribution that provides it and its params.
+
+    Broken plugins and names two plugins registered are listed too, with everything else,
+    so that the culprit can be found; `run` and `validate` refuse a conflict.
+    """
     from compressflow.plugins import load_plugins
     from compressflow.schema import plugin_listing
 
-    listing = plugin_listing(load_plugins())
+    plugins = load_plugins(strict=False)
+    listing = plugin_listing(plugins)
+    listing["conflicts"] = [{"message": c.message, "hint": c.hint} for c in plugins.conflicts]
     if as_json:
         typer.echo(json.dumps(listing, indent=2))
         return

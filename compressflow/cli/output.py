@@ -58,7 +58,7 @@ def progress_observer(plugins, stage_count: int, enabled: bool) -> Iterator[None
         try:
             yield
         finally:
-            plugins.pm.unregister(name="compressflow-cli-progress")
+            plugins.remove_observer("compressflow-cli-progress")
 
 
 def print_plan(plan) -> None:
@@ -71,6 +71,21 @@ def print_plan(plan) -> None:
         table.add_row(str(planned.entry.index), planned.entry.name,
                       f"{planned.stage.kind}/{planned.stage.method}", str(planned.provider), params)
     console.print(table)
+    caveat = reuse_caveat(plan.spec)
+    if caveat:
+        console.print(f"[yellow]note[/]: {caveat}")
+
+
+def reuse_caveat(spec) -> str | None:
+    """Why no stage of ``spec`` can be reused, where that is so; else None.
+
+    Reuse (``--reuse``, sweeps) takes a logged model from the store, so a plan that logs
+    none must not promise it.
+    """
+    if spec.tracking.log_models:
+        return None
+    return ("tracking.log_models is false, so nothing will be reused: reuse (--reuse, sweeps) "
+            "takes a stage's logged model from the store, and every stage will run")
 
 
 def print_summary(ctx) -> None:
@@ -131,6 +146,8 @@ def print_plugins(listing: dict) -> None:
     console.print(datasets)
     for broken in listing["broken"]:
         console.print(f"[red]broken[/]: {broken['entry_point']} from {broken['distribution']}: {broken['error']}")
+    for conflict in listing.get("conflicts", []):  # the first registration is the one shown
+        console.print(f"[red]conflict[/]: {escape(conflict['message'])}\n  hint: {escape(conflict['hint'])}")
 
 
 def print_comparison(rows: list[dict], metric: str, by: str, experiment: str) -> None:

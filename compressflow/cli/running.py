@@ -22,14 +22,28 @@ def _warn_broken(plugins) -> None:
 
 
 @reports_errors
-def validate(pipeline: PipelineArg, set_: SetOpt = None) -> None:
+def validate(
+    pipeline: PipelineArg,
+    set_: SetOpt = None,
+    trusted_only: Annotated[bool, typer.Option(
+        "--trusted-only", help="Refuse model sources that run code: import:, mlflow: and "
+        "pickled files (sets COMPRESSFLOW_TRUSTED_ONLY=1).")] = False,
+) -> None:
     """Check a pipeline file, every stage's params included, without running anything."""
-    from compressflow.engine import validate as validate_plan
-    from compressflow.plugins import load_plugins
+    import os
 
+    from compressflow.engine import validate as validate_plan
+    from compressflow.plugins import TRUSTED_ONLY_ENV, load_plugins
+
+    if trusted_only:  # the model sources read it, in sweep worker processes too
+        os.environ[TRUSTED_ONLY_ENV] = "1"
     plugins = load_plugins()
     _warn_broken(plugins)
     plan = validate_plan(pipeline, set_ or [], plugins)
+    if plan.spec.sweep is not None:  # every variant's values validate too, as `run` would
+        from compressflow.sweep import plan_variants
+
+        plan_variants(pipeline, set_ or [], plugins)
     typer.echo(f"{pipeline}: valid, {len(plan.stages)} stages: "
                + " -> ".join(f"{p.entry.name} ({p.stage.kind}/{p.stage.method})" for p in plan.stages))
 
@@ -46,6 +60,13 @@ def run(
     reuse: Annotated[Optional[bool], typer.Option(
         "--reuse/--no-reuse", help="Take stages already logged with the same key from the store "
         "(default: on for sweeps, off otherwise).")] = None,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue the latest unfinished (killed, failed) run of this pipeline "
+        "in its experiment: its finished stages are kept, the rest run, with the figures an "
+        "uninterrupted run gives. A sweep reuses finished stages already.")] = False,
+    trusted_only: Annotated[bool, typer.Option(
+        "--trusted-only", help="Refuse model sources that run code: import:, mlflow: and "
+        "pickled files (sets COMPRESSFLOW_TRUSTED_ONLY=1).")] = False,
 ) -> None:
     """Run a pipeline: every stage in order, every model and metric logged to MLflow.
 
@@ -57,8 +78,12 @@ def run(
     from compressflow.cli.output import print_plan, print_summary, progress_observer
     from compressflow.config import load_pipeline
     from compressflow.engine import validate as validate_plan
-    from compressflow.plugins import load_plugins
+    from compressflow.plugins import TRUSTED_ONLY_ENV, load_plugins
 
+    if trusted_only:  # the model sources read it, in sweep worker processes too
+        import os
+
+        os.environ[TRUSTED_ONLY_ENV] = "1"
     plugins = load_plugins()
     _warn_broken(plugins)
     overrides = set_ or []
@@ -66,7 +91,7 @@ def run(
         from compressflow.cli.sweeping import run_sweep
 
         run_sweep(pipeline, overrides, plugins, experiment, tracking_uri, dry_run, quiet, jobs,
-                  True if reuse is None else reuse)
+                  True if reuse is None or resume else reuse)
         return
     plan = validate_plan(pipeline, overrides, plugins)
     if dry_run:
@@ -74,7 +99,7 @@ def run(
         return
     from compressflow.runner import PipelineRunner
 
-    runner = PipelineRunner(plan, tracking_uri, experiment, reuse=bool(reuse))
+    runner = PipelineRunner(plan, tracking_uri, experiment, reuse=bool(reuse), resume=resume)
     try:
         with progress_observer(plugins, len(plan.stages), enabled=not quiet):
             ctx = runner.run()

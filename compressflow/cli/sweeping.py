@@ -7,7 +7,7 @@ import sys
 from rich.markup import escape
 from rich.table import Table
 
-from compressflow.cli.output import console
+from compressflow.cli.output import console, reuse_caveat
 
 
 def run_sweep(pipeline, overrides, plugins, experiment, tracking_uri, dry_run, quiet, jobs, reuse) -> None:
@@ -15,14 +15,22 @@ def run_sweep(pipeline, overrides, plugins, experiment, tracking_uri, dry_run, q
     from compressflow import sweep
     from compressflow.gates import GateFailed
     from compressflow.errors import StageFailed
+    from compressflow.store import check_uri
     from compressflow.tracking import DEFAULT_URI
 
     variants = sweep.plan_variants(pipeline, overrides, plugins)
     spec = variants[0].plan.spec
     uri = tracking_uri or spec.tracking.uri or DEFAULT_URI
+    check_uri(uri)
     experiment = experiment or spec.tracking.experiment or spec.name
     if dry_run:
-        _print_variants(variants, sweep.reuse_plan(variants, _logged_keys(uri, experiment) if reuse else set()))
+        fates = sweep.reuse_plan(variants, _logged_keys(uri, experiment) if reuse else set())
+        caveat = reuse_caveat(spec)
+        if caveat:  # reuse needs logged models: every stage would run
+            fates = [["run"] * len(row) for row in fates]
+        _print_variants(variants, fates)
+        if caveat:
+            console.print(f"[yellow]note[/]: {caveat}")
         return
     if not reuse:
         raise_no_reuse()

@@ -23,7 +23,8 @@ class LogitsParams(TrainParams):
 
     teacher: StageRef = Field("previous", description="input, previous, or a stage's name")
     student: ModelSpec | None = Field(None, description="a new model; default: the current model")
-    temperature: float = Field(4.0, gt=0, description="softens both distributions")
+    # below 0.05 the softened logits overflow to NaN; above 100 T^2 * KL loses precision
+    temperature: float = Field(4.0, ge=0.05, le=100, description="softens both distributions")
     alpha: float = Field(0.9, ge=0, le=1, description="weight of the distillation term")
 
 
@@ -59,7 +60,8 @@ class FeaturesParams(TrainParams):
     feature_weight: float = Field(1.0, ge=0, description="weight of the mean feature MSE")
     logits_weight: float = Field(0.0, ge=0, description="weight of T^2 * KL on softened logits")
     label_weight: float = Field(1.0, ge=0, description="weight of the cross-entropy on labels")
-    temperature: float = Field(4.0, gt=0, description="softens both distributions (logits term)")
+    temperature: float = Field(4.0, ge=0.05, le=100,
+                               description="softens both distributions (logits term)")
 
     @model_validator(mode="after")
     def _some_weight(self):

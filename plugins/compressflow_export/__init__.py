@@ -8,6 +8,8 @@
   onnxruntime: largest output difference and onnxruntime latency. The model passes on unchanged.
 
 The heavy work lives in modules imported inside ``run()``: loading the plugin imports no torch.
+Both write where ``filename`` says, which must stay inside the stage's work folder
+(:mod:`compressflow_export.workfile`).
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ from typing import Annotated, Literal
 from pydantic import Field
 
 from compressflow import Stage, StageParams, StageResult, hookimpl
+from compressflow_export.workfile import WorkFile, inside
 
 
 class PackedParams(StageParams):
     """What the packed writer may use; every option is lossless."""
 
-    filename: str = Field("model.cfpk", description="file name in the stage's work folder")
+    filename: WorkFile = Field("model.cfpk", description="file name in the stage's work folder "
+                               "(subfolders allowed; no absolute path, no ..)")
     huffman: bool = Field(True, description="Huffman-code index and value streams where smaller")
     codebook: bool = Field(True, description="values as indices into a codebook of a tensor's "
                            "distinct values (at most max_codebook of them)")
@@ -50,7 +54,7 @@ class PackedExport(Stage):
     def run(self, model, ctx):
         from compressflow_export.packed import load_packed, save_packed, verify_same
 
-        path = ctx.workdir / self.params.filename
+        path = inside(ctx.workdir, self.params.filename)
         report = save_packed(model, path, self.params.options())
         rebuilt = load_packed(path, like=model)
         verify_same(model, rebuilt, ctx.data.val, ctx.task)
@@ -67,7 +71,8 @@ class PackedExport(Stage):
 class OnnxParams(StageParams):
     """Where the file goes and how onnxruntime is timed."""
 
-    filename: str = Field("model.onnx", description="file name in the stage's work folder")
+    filename: WorkFile = Field("model.onnx", description="file name in the stage's work folder "
+                               "(subfolders allowed; no absolute path, no ..)")
     opset: int | None = Field(None, ge=7, description="ONNX opset (default: the exporter's)")
     threads: int = Field(1, ge=1, description="onnxruntime intra-op threads")
     warmup: int = Field(5, ge=0)
@@ -88,7 +93,7 @@ class OnnxExport(Stage):
         from compressflow_export.onnx_export import export_and_check
 
         p = self.params
-        path = ctx.workdir / p.filename
+        path = inside(ctx.workdir, p.filename)
         metrics = export_and_check(model, ctx.data, path, opset=p.opset, threads=p.threads,
                                    warmup=p.warmup, repeats=p.repeats)
         if p.tolerance is not None and metrics["onnx_max_abs_diff"] > p.tolerance:

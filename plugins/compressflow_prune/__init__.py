@@ -93,7 +93,7 @@ class _PruneFields(StageParams):
         "sparsity, overriding `sparsity` (first matching pattern wins)")
     schedule: Literal["oneshot", "gradual"] = Field(
         "oneshot", description="prune at once, or in `steps` steps on the cubic schedule")
-    steps: int = Field(10, ge=1, description="gradual: pruning steps")
+    steps: int = Field(10, ge=1, le=10_000, description="gradual: pruning steps")
     initial_sparsity: float = Field(0.0, ge=0, lt=1, description="gradual: s_i, the curve at t=0")
     finetune_epochs: int = Field(1, ge=0, description="gradual: training epochs after each step")
     calibration_batches: int = Field(

@@ -48,7 +48,9 @@ class Finetune(Stage):
         keep_zeros: bool = Field(True, description="pruned (zero) weights stay zero")
         teacher: OptionalStageRef = Field(
             None, description="distill from this model while finetuning: input, previous or a stage's name")
-        temperature: float = Field(4.0, gt=0, description="with teacher: softens both distributions")
+        # distill's bounds: below 0.05 the softened logits overflow to NaN
+        temperature: float = Field(4.0, ge=0.05, le=100,
+                                   description="with teacher: softens both distributions")
         alpha: float = Field(0.9, ge=0, le=1, description="with teacher: weight of the distillation term")
 
     def run(self, model, ctx):

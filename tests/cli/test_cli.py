@@ -86,3 +86,43 @@ def test_run_with_set_and_experiment(tmp_path, cli, store):
                               filter_string="attributes.run_name = '1-prune'")
     assert runs[0].data.params["sparsity"] == "0.25"
     assert 0.2 < runs[0].data.metrics["sparsity"] < 0.25
+
+
+def test_dry_run_says_nothing_is_reused_without_logged_models(tmp_path, cli, store):
+    stages = [{"train": {"epochs": 1}}, {"prune": {"sparsity": 0.5}}]
+    path = write_pipeline(tmp_path, stages, tracking={"log_models": False})
+    dry = cli("run", path, "--dry-run", "--reuse", "--tracking-uri", store)
+    assert dry.exit_code == 0, dry.output
+    text = " ".join(dry.stdout.split())
+    assert "tracking.log_models is false" in text and "nothing will be reused" in text
+    logged = cli("run", write_pipeline(tmp_path, stages, name="logged"), "--dry-run", "--tracking-uri", store)
+    assert logged.exit_code == 0 and "log_models" not in logged.stdout
+
+
+def _trusted_only_pipeline(tmp_path):
+    return write_pipeline(tmp_path, [{"train": {"epochs": 1}}],
+                          model={"source": "import:compressflow_models.zoo:MLP", "args": {"hidden": [8]}})
+
+
+def test_trusted_only_flag_refuses_import_sources_at_validate_and_run(tmp_path, cli, store, monkeypatch):
+    monkeypatch.setenv("COMPRESSFLOW_TRUSTED_ONLY", "0")  # off, and unset again after the test
+    path = _trusted_only_pipeline(tmp_path)
+    assert cli("validate", path).exit_code == 0  # without the switch: by design, it runs
+    line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if "import:" in text)
+    for command in (("validate", path, "--trusted-only"),
+                    ("run", path, "--trusted-only", "--dry-run", "--tracking-uri", store)):
+        monkeypatch.setenv("COMPRESSFLOW_TRUSTED_ONLY", "0")  # the flag alone switches it on
+        result = cli(*command)
+        assert result.exit_code == 2, result.output
+        assert f"{path}:{line}: import: runs code named in the pipeline" in result.stderr
+        assert "COMPRESSFLOW_TRUSTED_ONLY" in result.stderr and "Traceback" not in result.output
+
+
+def test_trusted_only_env_var_refuses_import_sources(tmp_path):
+    import os
+
+    path = _trusted_only_pipeline(tmp_path)
+    env = {**os.environ, "COMPRESSFLOW_TRUSTED_ONLY": "1"}
+    done = subprocess.run([sys.executable, "-m", "compressflow", "validate", str(path)],
+                          capture_output=True, text=True, cwd=REPO, env=env)
+    assert done.returncode == 2 and "import: runs code named in the pipeline" in done.stderr

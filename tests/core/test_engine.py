@@ -240,3 +240,78 @@ def test_a_model_that_cannot_take_the_data_is_bad_input_before_any_run(tmp_path,
     assert "the input model cannot run on the data under task 'classification'" in result.stderr
     assert f"{path}:" in result.stderr and "Traceback" not in result.output + result.stderr
     assert not (tmp_path / "mlflow.db").exists()
+
+
+# --- numbers that train to NaN, and models that cannot be ---------------------------------
+
+
+@pytest.mark.parametrize("stage, words", [
+    ({"train": {"lr": float("inf")}}, ["lr", "finite number"]),
+    ({"train": {"lr": float("nan")}}, ["lr", "finite number"]),
+    ({"finetune": {"weight_decay": float("inf")}}, ["weight_decay", "finite number"]),
+    ({"train": {"epochs": True}}, ["epochs", "not true/false"]),
+    ({"distill": {"temperature": 1e-300}}, ["temperature", "greater than or equal to 0.05"]),
+    ({"distill": {"temperature": 1e6}}, ["temperature", "less than or equal to 100"]),
+    ({"distill": {"method": "features", "layers": {"layers.0": "layers.0"}, "temperature": 1e-300}},
+     ["temperature", "greater than or equal to 0.05"]),
+    ({"finetune": {"teacher": "input", "temperature": 1e-300}}, ["temperature", "0.05"]),
+    ({"prune": {"sparsity": float("nan")}}, ["sparsity"]),
+    ({"quantize": {"method": "qat", "lr": float("inf")}}, ["lr", "finite number"]),
+])
+def test_stage_numbers_are_finite_and_sane(tmp_path, stage, words):
+    path = write_pipeline(tmp_path, [stage])
+    with pytest.raises(ConfigError) as error:
+        validate(path)
+    assert f"{path}:" in str(error.value)
+    for word in words:
+        assert word in str(error.value), str(error.value)
+
+
+def test_every_stage_params_inherit_the_finite_number_rule():
+    from compressflow.stage import StageParams
+
+    for (kind, method), stage_class in load_plugins().stages.stages.items():
+        params = stage_class.Params
+        assert issubclass(params, StageParams), (kind, method)
+        assert params.model_config.get("allow_inf_nan") is False, (kind, method)
+
+
+@pytest.mark.parametrize("args, words", [
+    ({"num_classes": 0}, ["zoo:mlp arg num_classes", "greater than or equal to 1"]),
+    ({"in_features": -3}, ["in_features"]),
+    ({"hidden": 5}, ["hidden", "valid list"]),
+    ({"hidden": [8, True]}, ["hidden"]),
+])
+def test_zoo_args_that_cannot_build_a_model_are_refused_in_validate(tmp_path, args, words):
+    path = write_pipeline(tmp_path, [{"train": {"epochs": 1}}], model={"source": "zoo:mlp", "args": args})
+    with pytest.raises(ConfigError) as error:
+        validate(path)
+    assert f"{path}:" in str(error.value)
+    for word in words:
+        assert word in str(error.value), str(error.value)
+
+
+def five():
+    """A factory that builds no model: what a wrong ``import:`` reference may name."""
+    return 5
+
+
+@pytest.mark.parametrize("source, what", [("import:builtins:dict", "builtins.dict"),
+                                          ("import:tests.core.test_engine:five", "builtins.int")])
+def test_an_import_factory_that_returns_no_module_is_bad_input(tmp_path, cli, store, source, what):
+    path = write_pipeline(tmp_path, [{"train": {"epochs": 1}}], model={"source": source})
+    result = cli("run", path, "--tracking-uri", store)
+    assert result.exit_code == 2, result.output
+    assert f"{path}:" in result.stderr and f"returned a {what}, not a torch nn.Module" in result.stderr
+    assert "Traceback" not in result.output + result.stderr
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize("args", [{"in_features": 7, "hidden": [8], "num_classes": 10},
+                                  {"in_features": 64, "hidden": [8], "num_classes": 0}])
+def test_a_model_that_does_not_fit_the_digits_is_exit_2_before_any_run(tmp_path, cli, store, args):
+    path = write_pipeline(tmp_path, [{"train": {"epochs": 1}}], model={"source": "zoo:mlp", "args": args})
+    result = cli("run", path, "--tracking-uri", store)
+    assert result.exit_code == 2, result.output
+    assert f"{path}:" in result.stderr and "Traceback" not in result.output + result.stderr
+    assert not (tmp_path / "mlflow.db").exists()

@@ -50,3 +50,31 @@ def test_default_method_declared_or_only():
         registry.get("quantize", None, "here")
     with pytest.raises(PluginError, match="two default methods"):
         registry.add(_stage("prune", "taylor", default=True))
+
+
+def test_a_duplicate_is_a_conflict_a_plugin_error_that_names_both():
+    from compressflow.registry import Conflict, MetricRegistry
+
+    registry = MetricRegistry()
+    registry.current_provider = Provider("a", "dist-a", "1")
+    registry.add("top5", lambda model, loader: 0.0)
+    registry.current_provider = Provider("b", "dist-b", "2")
+    with pytest.raises(Conflict, match="by plugin 'a'.*by plugin 'b'") as error:
+        registry.add("top5", lambda model, loader: 1.0)
+    assert isinstance(error.value, PluginError) and error.value.hint
+    stages = StageRegistry()
+    stages.add(_stage("prune", "magnitude", default=True))
+    with pytest.raises(Conflict, match="registered twice"):
+        stages.add(_stage("prune", "magnitude"))
+    with pytest.raises(Conflict, match="two default methods"):
+        stages.add(_stage("prune", "taylor", default=True))
+
+
+def test_an_unknown_name_mentions_the_plugins_that_failed():
+    registry = DatasetRegistry()
+    registry.add("digits", Dataset)
+    registry.broken_note = "some plugins failed to load: plugin 'mine' = 'my_data' failed"
+    with pytest.raises(ConfigError) as error:
+        registry.get("mine", "p.yaml:4")
+    assert "p.yaml:4: unknown dataset 'mine'" in error.value.message
+    assert "plugin 'mine' = 'my_data' failed" in error.value.hint

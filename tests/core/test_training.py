@@ -60,3 +60,23 @@ def test_detached_context_trains_outside_a_pipeline():
     assert history[-1]["val_accuracy"] > 0.8
     with pytest.raises(LookupError, match="no model 'previous'"):
         ctx.model_at("previous")
+
+
+def test_a_non_finite_loss_stops_training_naming_the_epoch():
+    from compressflow.training import Diverged
+
+    bundle = digits(DataSpec(dataset="digits"), 0, None)
+    with pytest.raises(Diverged, match="loss is nan at epoch 1, batch 1") as caught:
+        fit(MLP(hidden=[32]), bundle, TrainParams(epochs=2), _ctx(bundle, []),
+            loss_fn=lambda outputs, targets, inputs: outputs.sum() * float("nan"))
+    assert caught.value.exit_code == 1 and "lower lr" in caught.value.hint
+
+
+def test_a_diverging_stage_exits_1_instead_of_logging_success(tmp_path, cli, store):
+    from tests.conftest import write_pipeline
+
+    # a finite but absurd learning rate: the loss overflows within the first epoch
+    path = write_pipeline(tmp_path, [{"train": {"epochs": 3, "lr": 1e30, "optimizer": "sgd"}}])
+    result = cli("run", path, "--tracking-uri", store, "-q")
+    assert result.exit_code == 1, result.output
+    assert "training diverged" in result.stderr and "Traceback" not in result.output

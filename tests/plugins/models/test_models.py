@@ -270,3 +270,59 @@ def test_lenet5_is_the_papers_caffe_lenet5(tmp_path):
         assert outputs.shape == (3, 10)
         assert torch.equal(model(images.flatten(1)), outputs)  # flat 784-feature inputs work too
     assert zoo.LeNet5(num_classes=3)(images).shape == (3, 3)
+
+
+# --- COMPRESSFLOW_TRUSTED_ONLY ------------------------------------------------------------
+
+
+@pytest.fixture
+def trusted_only(monkeypatch):
+    """The switch on for one test."""
+    monkeypatch.setenv("COMPRESSFLOW_TRUSTED_ONLY", "1")
+
+
+def _refused(cli, path: Path, text: str, what: str) -> None:
+    error = _validate_error(cli, path)
+    assert f"{path}:{line_of(path, text)}: {what}" in error, error
+    assert "COMPRESSFLOW_TRUSTED_ONLY" in error and "--trusted-only" in error
+
+
+def test_trusted_only_refuses_an_import_source(tmp_path, cli, trusted_only):
+    model = {"source": "import:subprocess:call", "args": {"args": ["touch", str(tmp_path / "ran")]}}
+    path = write_pipeline(tmp_path, NO_OP, model=model)
+    _refused(cli, path, "import:subprocess", "import: runs code named in the pipeline")
+    assert not (tmp_path / "ran").exists()
+
+
+def test_trusted_only_refuses_the_mlflow_source(tmp_path, cli, trusted_only):
+    path = write_pipeline(tmp_path, NO_OP, model={"source": "mlflow:models:/champion/1"})
+    _refused(cli, path, "mlflow:", "mlflow: loads a pickled model")
+
+
+def test_trusted_only_refuses_a_pickled_file_and_a_student_from_import(tmp_path, cli, trusted_only,
+                                                                      trained_mlp):
+    torch.save(trained_mlp, tmp_path / "whole.pt")
+    path = write_pipeline(tmp_path, NO_OP, model={"source": "file:whole.pt", "allow_pickle": True})
+    _refused(cli, path, "file:whole.pt", "file: with allow_pickle")
+    student = {"source": "import:compressflow_models.zoo:MLP", "args": {"hidden": [8]}}
+    path = write_pipeline(tmp_path, [{"distill": {"teacher": "input", "student": student}}], name="student")
+    _refused(cli, path, "import:compressflow_models", "import: runs code named in the pipeline")
+
+
+def test_trusted_only_refuses_an_import_architecture_of_a_state_dict(tmp_path, trusted_only, trained_mlp):
+    from compressflow import ConfigError
+    from compressflow_models import FileSource
+
+    torch.save(trained_mlp.state_dict(), tmp_path / "weights.pt")
+    architecture = {"source": "import:compressflow_models.zoo:MLP", "args": MLP_ARGS}
+    with pytest.raises(ConfigError, match="p.yaml:3: import: runs code named in the pipeline"):
+        FileSource().check("weights.pt", {"architecture": architecture},
+                           SourceContext(base_dir=tmp_path, place="p.yaml:3"))
+
+
+def test_trusted_only_keeps_the_zoo_and_plain_state_dicts(tmp_path, models_store, trusted_only, trained_mlp):
+    torch.save(trained_mlp.state_dict(), tmp_path / "weights.pt")
+    model = {"source": "file:weights.pt", "args": {"architecture": MLP_SPEC}}
+    path = write_pipeline(tmp_path, NO_OP, name="trusted", model=model, **QUIET)
+    ctx = run(path, models_store)
+    assert ctx.results["input"].metrics["accuracy"] > 0.9

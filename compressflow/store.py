@@ -1,0 +1,420 @@
+"""The MLflow store's life: which URIs name a store, making a sqlite store whole, checking one
+before use, probing a server, and closing the runs of processes that died.
+
+Every command that opens a store calls :func:`prepare` first. A new sqlite store is created
+and migrated in a file beside it and renamed into place under ``<db>.lock``, so that an
+interrupted or concurrent first run never leaves a half-migrated file; an existing one is
+checked from its header and its ``alembic_version`` row, which costs milliseconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import os
+import re
+import socket
+import sqlite3
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterator, NoReturn
+
+from compressflow.errors import ConfigError
+
+TIMEOUT_ENV = "COMPRESSFLOW_TRACKING_TIMEOUT"
+DEFAULT_TIMEOUT_S = 5.0
+SQLITE_HEADER = b"SQLite format 3\x00"
+SUPPORTED = ("sqlite:///path/to/mlflow.db, http(s)://host:port (an MLflow server), "
+             "postgresql://, mysql://, mssql:// (a database), databricks")
+# what MLflow's own HTTP client does after the probe: fail in about a minute, not four
+MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+                        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+_DATABASES = ("postgresql", "mysql", "mssql")
+_OTHER = ("databricks", "databricks-uc", "uc")
+_probed: set[str] = set()
+
+
+def scheme_of(uri: str) -> str:
+    """``sqlite``, ``http``, ... of ``uri`` (a driver suffix such as ``+psycopg2`` dropped);
+    empty for a plain path."""
+    head, sep, _ = uri.partition(":")
+    if not sep or len(head) == 1 or not head[:1].isalpha():  # no scheme, or a drive letter
+        return ""
+    return head.split("+")[0].lower()
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (relative to the current folder), else None."""
+    if scheme_of(uri) != "sqlite":
+        return None
+    rest = uri.partition(":")[2]
+    if not rest.startswith("///"):
+        return None
+    path = rest[3:].split("?")[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+def check_uri(uri: str) -> None:
+    """Refuse a tracking URI that names no lasting store MLflow can open, saying what would.
+
+    Accepted: ``sqlite:///<file>``, ``http(s)://``, the databases MLflow knows, databricks
+    and schemes that MLflow plugins register. A plain folder or ``file:`` is a file store,
+    which MLflow 3 refuses unless ``MLFLOW_ALLOW_FILE_STORE=true``: compressflow follows it.
+    """
+    scheme = uri if uri in _OTHER else scheme_of(uri)  # MLflow takes a bare "databricks"
+    if scheme == "sqlite":
+        path = sqlite_path(uri)
+        if path is None or "mode=memory" in uri:
+            raise ConfigError(
+                f"tracking URI '{uri}' names no database file: the store would live in memory "
+                "and nothing would be kept after the command ends",
+                "name a file: sqlite:///mlflow.db (in the current folder) or sqlite:////abs/path/mlflow.db")
+        if path.is_dir():
+            raise ConfigError(f"tracking URI '{uri}': {path} is a folder, not a database file",
+                              f"use sqlite:///{path / 'mlflow.db'}")
+        return
+    if scheme in ("", "file"):
+        if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("1", "true"):
+            return
+        place = Path(uri.removeprefix("file://").removeprefix("file:") or "mlruns").expanduser().absolute()
+        db = place if place.suffix in (".db", ".sqlite", ".sqlite3") else place / "mlflow.db"
+        raise ConfigError(
+            f"tracking URI '{uri}' names an MLflow file store (a folder), which MLflow 3 no "
+            "longer opens by default",
+            f"use a sqlite store: sqlite:///{db} (`mlflow migrate-filestore` moves an old file "
+            "store over), or set MLFLOW_ALLOW_FILE_STORE=true to keep a file store")
+    if scheme in ("http", "https"):
+        if not uri.partition("://")[2].strip("/"):
+            raise ConfigError(f"tracking URI '{uri}': no host", "e.g. http://127.0.0.1:5000")
+        return
+    if scheme in _DATABASES or scheme in _OTHER or scheme in _plugin_schemes():
+        return
+    raise ConfigError(f"tracking URI '{uri}': unknown scheme '{scheme}'", f"supported: {SUPPORTED}")
+
+
+@functools.lru_cache(maxsize=1)
+def _plugin_schemes() -> frozenset[str]:
+    from importlib.metadata import entry_points
+
+    return frozenset(e.name for e in entry_points(group="mlflow.tracking_store"))
+
+
+def prepare(uri: str) -> None:
+    """Make the store at ``uri`` ready to open: check the URI, create or migrate a sqlite
+    store whole, or probe a server.
+
+    Raises ConfigError (exit 2) naming the store and what to do, never a traceback.
+    """
+    check_uri(uri)
+    path = sqlite_path(uri)
+    if path is not None:
+        _prepare_sqlite(path, artifact_root(uri))
+    elif scheme_of(uri) in ("http", "https"):
+        probe(uri)
+
+
+def artifact_root(uri: str, configured: str | None = None) -> str | None:
+    """Where a new experiment's artifacts go: ``configured`` (a URI, or a folder absolute or
+    relative to the current folder), else ``<db>.artifacts`` beside a sqlite store, else
+    None (the server or MLflow decides)."""
+    if configured:
+        if scheme_of(configured) and scheme_of(configured) != "file":
+            return configured
+        return Path(configured.removeprefix("file://")).expanduser().resolve().as_uri()
+    path = sqlite_path(uri)
+    if path is None:
+        return None
+    path = path.expanduser().resolve()
+    return path.with_name(path.name + ".artifacts").as_uri()
+
+
+# --- sqlite ---------------------------------------------------------------------------------
+
+MISSING, EMPTY, CURRENT, OLD = "missing", "empty", "current", "old"
+
+
+def _prepare_sqlite(path: Path, root: str) -> None:
+    state, _ = inspect_sqlite(path)
+    if state == CURRENT:
+        return  # the common case: no lock, no write
+    try:
+        with _locked(path):
+            state, revision = inspect_sqlite(path)  # another process may have done it meanwhile
+            if state in (MISSING, EMPTY):
+                _create(path, root)
+            elif state == OLD:
+                _migrate(path, revision)
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot create or update the MLflow store: {error.strerror or error}",
+                          "point --tracking-uri (tracking.uri) at a folder you can write, e.g. "
+                          "sqlite:////tmp/mlflow.db") from error
+
+
+def inspect_sqlite(path: Path) -> tuple[str, str | None]:
+    """``(state, schema revision)`` of the file at ``path``: missing, empty (new), current or
+    old (MLflow can migrate it). A file that is no MLflow store raises ConfigError."""
+    if not path.exists():
+        return MISSING, None
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder, not an MLflow database file",
+                          f"use sqlite:///{path / 'mlflow.db'}")
+    size = path.stat().st_size
+    if size == 0:
+        return EMPTY, None
+    with open(path, "rb") as handle:
+        head = handle.read(100)
+    if len(head) < 100 or not head.startswith(SQLITE_HEADER):
+        _broken(path, "not an SQLite database")
+    page_size = int.from_bytes(head[16:18], "big")
+    pages = int.from_bytes(head[28:32], "big")
+    # the header's page count holds only while "version-valid-for" equals the change counter;
+    # a WAL file may hold pages the main file does not have yet
+    expected = (65536 if page_size == 1 else page_size) * pages
+    if head[24:28] == head[92:96] and size < expected and not Path(f"{path}-wal").exists():
+        _broken(path, f"cut short: {size:,} of {expected:,} bytes")
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.absolute().as_uri()}?mode=rw", uri=True,
+                                                timeout=30)) as db:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if not tables:
+                return EMPTY, None
+            if "alembic_version" not in tables:
+                _broken(path, "no alembic_version table (an interrupted creation, or another "
+                              "program's database)")
+            rows = db.execute("SELECT version_num FROM alembic_version").fetchall()
+    except sqlite3.DatabaseError as error:
+        _broken(path, f"damaged: {error}")
+    if len(rows) != 1:
+        _broken(path, f"{len(rows)} schema versions in alembic_version")
+    revision = rows[0][0]
+    head_rev, known = _revisions()
+    if revision == head_rev:
+        return CURRENT, revision
+    if revision not in known:
+        import mlflow
+
+        raise ConfigError(f"{path}: schema version {revision} is unknown to MLflow "
+                          f"{mlflow.__version__} (written by a newer MLflow?)",
+                          "upgrade mlflow, or point --tracking-uri (tracking.uri) at another store")
+    return OLD, revision
+
+
+def _broken(path: Path, why: str) -> NoReturn:
+    raise ConfigError(f"{path}: not a usable MLflow store: {why}",
+                      f"move it aside (mv {path} {path}.broken) and run again to start a new store, "
+                      "or point --tracking-uri (tracking.uri) at another store")
+
+
+_REVISION = re.compile(r"""^revision\s*(?::[^=]*)?=\s*['"](\w+)['"]""", re.M)
+_DOWN = re.compile(r"^down_revision\s*(?::[^=]*)?=(.*)$", re.M)
+
+
+@functools.lru_cache(maxsize=1)
+def _revisions() -> tuple[str, frozenset[str]]:
+    """MLflow's head schema revision, and every revision it knows.
+
+    Read from the migration scripts as text: loading them through alembic, as MLflow does,
+    costs about a second, and this runs on every command.
+    """
+    folder = Path(importlib.util.find_spec("mlflow").submodule_search_locations[0])
+    revisions, parents = set(), set()
+    for script in (folder / "store" / "db_migrations" / "versions").glob("*.py"):
+        text = script.read_text()
+        if found := _REVISION.search(text):
+            revisions.add(found[1])
+            if down := _DOWN.search(text):
+                parents.update(re.findall(r"""['"](\w+)['"]""", down[1]))
+    heads = revisions - parents
+    if len(heads) != 1:  # scripts of an unexpected form: ask alembic
+        from alembic.script import ScriptDirectory
+        from mlflow.store.db.utils import _get_alembic_config
+
+        script_dir = ScriptDirectory.from_config(_get_alembic_config(""))
+        heads, revisions = set(script_dir.get_heads()), {s.revision for s in script_dir.walk_revisions()}
+    (head,) = heads
+    return head, frozenset(revisions)
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """``<db>.lock`` held exclusively: one process creates or migrates, the others wait."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the file releases the lock
+
+
+def _partial(path: Path) -> Path:
+    """A work file in the store's folder, so that os.replace is a rename on one file system.
+    Creation runs only under the lock, so any other work file is left by a dead process."""
+    for left in path.parent.glob(f".{path.name}.*.partial*"):
+        left.unlink(missing_ok=True)
+    return path.with_name(f".{path.name}.{os.getpid()}-{os.urandom(4).hex()}.partial")
+
+
+def _discard(tmp: Path) -> None:
+    for left in (tmp, Path(f"{tmp}-journal")):
+        left.unlink(missing_ok=True)
+
+
+def _create(path: Path, root: str) -> None:
+    """A new store, created and migrated by MLflow in a work file, then renamed into place."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    from compressflow.tracking import quiet_mlflow_logs
+
+    quiet_mlflow_logs()
+    tmp = _partial(path)
+    uri = f"sqlite:///{tmp}"
+    try:
+        try:
+            SqlAlchemyStore(uri, root)  # the default experiment's artifacts: beside the store too
+        finally:
+            # MLflow caches an engine a URI: let go of the work file, interrupted or not
+            engine = getattr(SqlAlchemyStore, "_engine_map", {}).pop(uri, None)
+            if engine is not None:
+                engine.dispose()
+        os.replace(tmp, path)
+    finally:
+        _discard(tmp)
+
+
+def _migrate(path: Path, revision: str | None) -> None:
+    """Bring an old store to MLflow's schema on a copy; the original stays if that fails."""
+    import mlflow
+    import sqlalchemy
+    from mlflow.store.db.utils import _upgrade_db
+
+    from compressflow.tracking import quiet_mlflow_logs
+
+    quiet_mlflow_logs()
+    tmp = _partial(path)
+    try:
+        with contextlib.closing(sqlite3.connect(path)) as source, \
+                contextlib.closing(sqlite3.connect(tmp)) as copy:
+            source.backup(copy)  # a consistent copy even while others read the store
+        engine = sqlalchemy.create_engine(f"sqlite:///{tmp}")
+        try:
+            _upgrade_db(engine)
+        finally:
+            engine.dispose()
+        os.replace(tmp, path)
+    except Exception as error:  # alembic and sqlalchemy raise many kinds; all mean the same here
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(
+            f"{path}: MLflow {mlflow.__version__} could not migrate this store from schema "
+            f"{revision}: {first}",
+            f"the file is unchanged; its schema may be half-updated by an interrupted run: move it "
+            f"aside (mv {path} {path}.broken) to start a new store, or point --tracking-uri "
+            "(tracking.uri) at another store") from error
+    finally:
+        _discard(tmp)
+
+
+# --- servers --------------------------------------------------------------------------------
+
+def timeout_s() -> float:
+    """How long a tracking server may take to answer: COMPRESSFLOW_TRACKING_TIMEOUT, else 5 s."""
+    try:
+        return max(0.1, float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)))
+    except ValueError:
+        raise ConfigError(f"{TIMEOUT_ENV}={os.environ[TIMEOUT_ENV]!r}: not a number of seconds",
+                          f"e.g. {TIMEOUT_ENV}=10") from None
+
+
+def probe(uri: str) -> None:
+    """Ask the server at ``uri`` for ``/health`` once per process: any HTTP answer will do.
+
+    Also sets MLflow's own HTTP timeout and retries (unless set already) so that a server
+    that goes away later fails a call in about a minute instead of hanging for minutes.
+    """
+    for name, value in MLFLOW_HTTP_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+    if uri in _probed:
+        return
+    wait = timeout_s()
+    hint = (f"start it (mlflow server --host 127.0.0.1 --port 5000), check the URI, point "
+            f"--tracking-uri elsewhere, or wait longer: {TIMEOUT_ENV}=<seconds>")
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=wait):
+            pass
+    except urllib.error.HTTPError:
+        pass  # it answered (401, 404 ...): what it wants is for MLflow's client to sort out
+    except OSError as error:  # URLError, and a timeout while reading the answer
+        import ssl
+
+        reason = error.reason if isinstance(error, urllib.error.URLError) else error
+        if isinstance(reason, TimeoutError):  # socket.timeout is TimeoutError since 3.10
+            raise ConfigError(f"tracking server {uri} did not answer in {wait:g} s", hint) from None
+        if not isinstance(reason, ssl.SSLError):  # TLS settings are MLflow's to apply
+            text = reason.strerror if isinstance(reason, OSError) and reason.strerror else reason
+            raise ConfigError(f"tracking server {uri} cannot be reached: {text}", hint) from None
+    _probed.add(uri)
+
+
+# --- runs of dead processes -----------------------------------------------------------------
+
+def _proc(pid: int) -> tuple[str, str] | None:
+    """``(state, start)`` of ``pid`` from /proc: its state letter, and when it started (boot
+    id and clock ticks since boot), which tells a reused pid apart. None without /proc."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+    # the command name may hold spaces and parentheses: fields are counted after the last ')'
+    fields = stat.rpartition(")")[2].split()
+    return fields[0], f"{boot}:{fields[19]}"
+
+
+def process_tags() -> dict[str, str]:
+    """Tags naming this process, for every run it opens (see :func:`close_dead_runs`)."""
+    from compressflow.tracking import Tag
+
+    tags = {Tag.PID: str(os.getpid()), Tag.HOST: socket.gethostname()}
+    proc = _proc(os.getpid())
+    if proc:
+        tags[Tag.PROCESS_START] = proc[1]
+    return tags
+
+
+def is_alive(pid: int, stamp: str | None) -> bool:
+    """Whether process ``pid`` of this host runs still, and is the one that started at
+    ``stamp`` (when known) rather than a later process given the same pid."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's process: it exists
+    proc = _proc(pid)
+    if proc is None:
+        return True
+    # a zombie has exited, only its parent has not reaped it yet
+    return proc[0] != "Z" and (not stamp or proc[1] == stamp)
+
+
+def close_dead_runs(client: Any, experiment_ids: list[str]) -> list[str]:
+    """Mark KILLED the RUNNING runs that a process of this host opened and did not outlive
+    (SIGKILL, SIGTERM, a crash); returns their ids. Runs of other hosts, and runs without a
+    pid tag, are left alone: nothing here can tell whether they still run."""
+    from compressflow.tracking import Tag
+
+    host = socket.gethostname()
+    runs = client.search_runs(experiment_ids, f"attributes.status = 'RUNNING' and "
+                                              f"tags.`{Tag.HOST}` = '{host}'", max_results=1000)
+    closed = []
+    for run in runs:
+        tags = run.data.tags
+        pid = tags.get(Tag.PID, "")
+        if pid.isdigit() and not is_alive(int(pid), tags.get(Tag.PROCESS_START)):
+            client.set_terminated(run.info.run_id, "KILLED")
+            closed.append(run.info.run_id)
+    return closed
