@@ -35,6 +35,9 @@ def terminate_as_interrupt() -> Iterator[None]:
     def handler(signum, frame):
         raise Terminated(f"signal {signum}")
 
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:  # the caller asked for none
+        yield
+        return
     previous = signal.signal(signal.SIGTERM, handler)
     try:
         yield
@@ -49,8 +52,10 @@ def interrupts_deferred() -> Iterator[None]:
         yield
         return
     held: list[int] = []
+    # a signal the process ignores (SIGINT of a background job) stays ignored
     previous = {sig: signal.signal(sig, lambda signum, frame: held.append(signum))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
+                for sig in (signal.SIGINT, signal.SIGTERM)
+                if signal.getsignal(sig) is not signal.SIG_IGN}
     try:
         yield
     finally:
