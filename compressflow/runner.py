@@ -165,11 +165,9 @@ class PipelineRunner:
         """A stage the interrupted attempt finished: its model and figures, as logged."""
         result = StageResult(model=self.tracker.load_model(found.model_uri), metrics=found.metrics,
                              notes=[f"kept from the interrupted attempt (run {found.run_id})"])
-        self.models[name] = result.model
-        self.ctx.results[name] = result
         self.model_uris[name] = found.model_uri
         self.reused.append(name)
-        self.ctx.summary.append(summary_row(name, method, result, self.spec.evaluation.metric, True))
+        self._record(name, method, result)
         if found.gate_failed:  # it failed with on_fail: continue, or the run would have stopped
             self.ctx.gate_failures.append(name)
             self.ctx.summary[-1]["notes"] += "; gate failed (see its run's gate.txt)"
@@ -361,6 +359,10 @@ class PipelineRunner:
                 self.tracker.log_file(Path(artifact))
         if result.notes:
             self.tracker.log_text("\n".join(result.notes) + "\n", "notes.txt")
+        self._record(name, method, result)
+
+    def _record(self, name: str, method: str, result: StageResult) -> None:
+        """The stage's model and result for later stages, and its summary row."""
         self.models[name] = result.model
         self.ctx.results[name] = result
         self.ctx.summary.append(summary_row(name, method, result, self.spec.evaluation.metric,
