@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from compressflow.errors import ConfigError
 from compressflow.stage import MODEL_REFS, DataSpec, ModelSpec, refuse_bool_for_number
@@ -69,8 +70,18 @@ class MeasureSpec(_Spec):
     repeats: int = Field(30, ge=3, description="timed rounds at the first batch size")
     batch_sizes: list[Annotated[int, Field(ge=1, le=2**20)]] = Field(
         default_factory=lambda: [1, 64], min_length=1, description="latency_ms_b<N> for each")
-    seq_len: int | None = Field(
-        None, ge=1, description="tokens per example input (text); default: as the data gives")
+    seq_lens: list[Annotated[int, Field(ge=1, le=2**20)]] | None = Field(
+        None, min_length=1, description="tokens per example input (text): latency_ms_b<N>_t<L> "
+        "for each; default: the evaluated split's median and 95th-percentile line lengths")
+    seq_len: int | None = Field(None, ge=1, description="one length: the same as seq_lens: [L]")
+
+    @model_validator(mode="after")
+    def _one_length_setting(self):
+        if self.seq_len is not None:
+            if self.seq_lens is not None:
+                raise ValueError("set seq_lens or seq_len, not both")
+            self.seq_lens, self.seq_len = [self.seq_len], None
+        return self
 
 
 class TrackingSpec(BaseModel):

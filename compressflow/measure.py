@@ -25,14 +25,19 @@ if TYPE_CHECKING:
 
 
 def weight_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every stored weight and bias as a plain tensor (quantized ones as their integers).
+    """Every stored weight and bias as a plain tensor (quantized ones as their integers, or
+    dequantized where an integer 0 is not the value 0).
 
     Quantized layers keep their weights outside ``parameters()``: torch.ao's expose them
     through ``weight()``/``bias()`` methods, and a plugin's packed layer may do the same
-    through a ``_packed_params._weight_bias()`` pair.
+    through a ``_packed_params._weight_bias()`` pair. A module that runs its weights outside
+    torch (an ONNX graph) lists them itself: ``stored_weights()`` yields ``(name, tensor)``.
     """
     for module_name, module in model.named_modules():
         prefix = f"{module_name}." if module_name else ""
+        if callable(getattr(module, "stored_weights", None)):  # a graph run elsewhere (ONNX)
+            yield from ((prefix + name, tensor) for name, tensor in module.stored_weights())
+            continue
         for name, param in module.named_parameters(recurse=False):
             yield prefix + name, param.detach()
         if callable(getattr(type(module), "weight", None)):
@@ -48,7 +53,15 @@ def weight_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
 
 def _plain(tensor: torch.Tensor) -> torch.Tensor:
     tensor = tensor.detach()
-    return tensor.int_repr() if tensor.is_quantized else tensor
+    if not tensor.is_quantized:
+        return tensor
+    # an integer 0 is a zero weight only where the zero point is 0 (symmetric int8); a
+    # quantized Embedding's rows have float zero points, where 0 is the row's minimum
+    if tensor.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+        zero_at_zero = tensor.q_zero_point() == 0
+    else:
+        zero_at_zero = not bool(tensor.q_per_channel_zero_points().any())
+    return tensor.int_repr() if zero_at_zero else tensor.dequantize()
 
 
 def _nonzero(tensor: torch.Tensor) -> int:
@@ -79,10 +92,13 @@ def count_macs(model: nn.Module, example: Any, task: Task | None = None) -> int:
     """Multiply-accumulates of one sample through every Linear and Conv layer.
 
     ``example`` is a batch of inputs in any form the task feeds (its first sample is used);
-    for token inputs a sample is one sequence of the example's length.
+    for token inputs a sample is one sequence of the example's length. A model without such
+    layers that knows its own count (an ONNX graph) says it: ``model.count_macs(sample)``.
     """
     from compressflow.task import call, take
 
+    if callable(getattr(model, "count_macs", None)):  # a graph without Linear modules (ONNX)
+        return int(model.count_macs(take(example, 0, 1)))
     total = 0
 
     def linear_hook(module: nn.Module, _inputs, output) -> None:

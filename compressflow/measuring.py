@@ -52,20 +52,52 @@ def latency_name(batch: int, seq_len: int | None) -> str:
     return f"latency_ms_b{batch}" + (f"_t{seq_len}" if seq_len else "")
 
 
+def speedup_name(batch: int, seq_len: int | None) -> str:
+    """``latency_b64_speedup``, or ``latency_b64_t128_speedup`` at a set sequence length."""
+    return f"latency_b{batch}" + (f"_t{seq_len}" if seq_len else "") + "_speedup"
+
+
+def typical_lengths(lengths: list[int]) -> list[int]:
+    """The median and the 95th percentile (one, where they coincide) of token counts."""
+    import numpy as np
+
+    middle = int(round(float(np.median(lengths))))
+    tail = int(np.ceil(np.percentile(lengths, 95)))
+    return [middle] if tail == middle else [middle, tail]
+
+
 @dataclass
 class Measurer:
-    """Measures models against the pipeline's input model, as ``measure:`` says."""
+    """Measures models against the pipeline's input model, as ``measure:`` says.
+
+    Token inputs are timed at each of ``lengths`` (``measure.seq_lens``, default the
+    evaluated split's median and 95th-percentile lengths); the headline figures
+    ``latency_ms_b<N>`` and ``latency_b<N>_speedup`` are those at the first length.
+    """
 
     task: Task
     spec: MeasureSpec
     bundle: DataBundle
-    examples: dict[int, Any] = field(default_factory=dict)
+    examples: dict[tuple[int, int | None], Any] = field(default_factory=dict)
+    _lengths: list[int | None] | None = None
 
-    def example(self, batch: int) -> Any:
-        """``batch`` real evaluated inputs, built once per size."""
-        if batch not in self.examples:
-            self.examples[batch] = self.bundle.example_input(batch, self.task, self.spec.seq_len)
-        return self.examples[batch]
+    @property
+    def lengths(self) -> list[int | None]:
+        """The sequence lengths timed; ``[None]``: inputs as the data gives them."""
+        if self._lengths is None:
+            if self.spec.seq_lens is not None:
+                self._lengths = list(self.spec.seq_lens)
+            else:
+                found = self.task.token_lengths(self.bundle.val)
+                self._lengths = list(typical_lengths(found)) if found else [None]
+        return self._lengths
+
+    def example(self, batch: int, seq_len: int | None = None) -> Any:
+        """``batch`` real evaluated inputs (at ``seq_len`` tokens), built once per size."""
+        key = (batch, seq_len)
+        if key not in self.examples:
+            self.examples[key] = self.bundle.example_input(batch, self.task, seq_len)
+        return self.examples[key]
 
     def figures(self, model: nn.Module, input_model: nn.Module | None = None) -> dict[str, float]:
         """Static figures, then latency at every batch size, interleaved with ``input_model``
@@ -73,31 +105,35 @@ class Measurer:
         row shows the noise floor: 1.0x within the spread)."""
         import copy
 
-        figures = static_figures(model, self.example(1), self.task)
+        figures = static_figures(model, self.example(1, self.lengths[0]), self.task)
         if self.spec.latency:
             figures.update(self.latency(model, input_model or copy.deepcopy(model)))
         return figures
 
     def latency(self, model: nn.Module, input_model: nn.Module) -> dict[str, float]:
-        """``latency_ms_b<N>`` (median), ``..._iqr``, and against the input model
-        ``latency_b<N>_speedup`` (median per-round ratio) with ``..._q1``/``..._q3``."""
+        """``latency_ms_b<N>[_t<L>]`` (median), ``..._iqr``, and against the input model
+        ``latency_b<N>[_t<L>]_speedup`` (median per-round ratio) with ``..._q1``/``..._q3``."""
         from compressflow.timing import time_models
 
         out: dict[str, float] = {}
         for index, batch in enumerate(self.spec.batch_sizes):
-            models = {"input": input_model, "stage": model}
             # later (larger) batches cost more a round: fewer rounds, as before
             rounds = self.spec.repeats if index == 0 else max(3, self.spec.repeats // 3)
-            timings = time_models(models, self.example(batch), self.task.feed, rounds=rounds,
-                                  warmup=self.spec.warmup, threads=self.spec.threads)
-            name = latency_name(batch, self.spec.seq_len)
-            spread = timings.spread("stage")
-            out[name], out[f"{name}_iqr"] = spread.median, spread.iqr
-            speedup = timings.speedup("input", "stage")
-            ratio = f"latency_b{batch}" + (f"_t{self.spec.seq_len}" if self.spec.seq_len else "")
-            out[f"{ratio}_speedup"] = speedup.median
-            out[f"{ratio}_speedup_q1"], out[f"{ratio}_speedup_q3"] = speedup.q1, speedup.q3
+            for seq_len in self.lengths:
+                timings = time_models({"input": input_model, "stage": model},
+                                      self.example(batch, seq_len), self.task.feed, rounds=rounds,
+                                      warmup=self.spec.warmup, threads=self.spec.threads)
+                found = self._named(timings, latency_name(batch, seq_len), speedup_name(batch, seq_len))
+                out.update(found)
+                if seq_len is not None and seq_len == self.lengths[0]:  # the headline figures
+                    out.update(self._named(timings, latency_name(batch, None), speedup_name(batch, None)))
         return out
+
+    @staticmethod
+    def _named(timings: Any, latency: str, speedup: str) -> dict[str, float]:
+        spread, ratio = timings.spread("stage"), timings.speedup("input", "stage")
+        return {latency: spread.median, f"{latency}_iqr": spread.iqr, speedup: ratio.median,
+                f"{speedup}_q1": ratio.q1, f"{speedup}_q3": ratio.q3}
 
 
 def compare_to_input(figures: dict[str, float], start: dict[str, float], metric: str,
@@ -113,7 +149,7 @@ def compare_to_input(figures: dict[str, float], start: dict[str, float], metric:
 
 
 def honesty_notes(figures: dict[str, float], before: dict[str, float], batch_sizes: list[int],
-                  seq_len: int | None) -> list[str]:
+                  lengths: list[int | None]) -> list[str]:
     """Sentences for what the figures do not show at a glance: sparsity that saved no
     bytes, a compressed model no faster than the input (within the spread), a slower one."""
     notes = []
@@ -123,13 +159,15 @@ def honesty_notes(figures: dict[str, float], before: dict[str, float], batch_siz
         notes.append(f"sparsity rose to {figures['sparsity']:.1%} but the model is not smaller on "
                      "disk: its tensors are stored densely, zeros included")
     for batch in batch_sizes:
-        ratio = f"latency_b{batch}" + (f"_t{seq_len}" if seq_len else "")
-        if f"{ratio}_speedup" not in figures:
-            continue
-        median, q1, q3 = (figures[f"{ratio}_speedup{s}"] for s in ("", "_q1", "_q3"))
-        spread = f"{median:.2f}x, IQR {q1:.2f}-{q3:.2f}"
-        if q1 <= 1.0 <= q3 and compressed:
-            notes.append(f"latency at batch {batch}: no measurable speedup over the input model ({spread})")
-        elif q3 < 1.0:
-            notes.append(f"latency at batch {batch}: slower than the input model ({spread})")
+        for seq_len in lengths:
+            ratio = speedup_name(batch, seq_len)
+            if ratio not in figures:
+                continue
+            median, q1, q3 = figures[ratio], figures[f"{ratio}_q1"], figures[f"{ratio}_q3"]
+            spread = f"{median:.2f}x, IQR {q1:.2f}-{q3:.2f}"
+            where = f"batch {batch}" + (f", {seq_len} tokens" if seq_len else "")
+            if q1 <= 1.0 <= q3 and compressed:
+                notes.append(f"latency at {where}: no measurable speedup over the input model ({spread})")
+            elif q3 < 1.0:
+                notes.append(f"latency at {where}: slower than the input model ({spread})")
     return notes

@@ -353,8 +353,8 @@ class PipelineRunner:
         else:
             result.metrics = self._figures(name, result)
             self.tracker.log_metrics(result.metrics)
-            self.model_uris[name] = self.tracker.log_model(result.model, self.measurer.example(1),
-                                                           self.task.feed)
+            self.model_uris[name] = self.tracker.log_model(
+                result.model, self.measurer.example(1, self.measurer.lengths[0]), self.task.feed)
             for artifact in result.artifacts.values():
                 self.tracker.log_file(Path(artifact))
         if result.notes:
@@ -366,7 +366,7 @@ class PipelineRunner:
         self.models[name] = result.model
         self.ctx.results[name] = result
         self.ctx.summary.append(summary_row(name, method, result, self.spec.evaluation.metric,
-                                            name in self.reused))
+                                            name in self.reused, self.spec.measure.batch_sizes[0]))
 
     def _figures(self, name: str, result: StageResult) -> dict[str, float]:
         """Everything measured of a freshly computed model, then the stage's own figures."""
@@ -382,7 +382,7 @@ class PipelineRunner:
                                             result.packed_bytes))
             before = list(self.ctx.results.values())[-1].metrics
             result.notes += honesty_notes(figures, before, self.spec.measure.batch_sizes,
-                                          self.spec.measure.seq_len)
+                                          self.measurer.lengths)
         clashes = sorted(set(result.metrics) & set(figures))
         if clashes:
             raise ValueError(

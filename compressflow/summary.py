@@ -19,9 +19,14 @@ if TYPE_CHECKING:
     from compressflow.tracking import Tracker
 
 
-def summary_row(name: str, method: str, result: StageResult, metric: str, reused: bool
-                ) -> dict[str, Any]:
-    """The stage's row: its metric, size, sparsity, MACs, latency, ratios and notes."""
+def summary_row(name: str, method: str, result: StageResult, metric: str, reused: bool,
+                batch: int = 1) -> dict[str, Any]:
+    """The stage's row: its metric, size, sparsity, MACs, latency, ratios and notes.
+
+    ``latency_ms`` and ``latency_speedup`` are the headline figures at ``batch`` (the first
+    of ``measure.batch_sizes``; for text, at the first measured length), ``timed_at`` says
+    which; ``latency_ms_b1``/``latency_b1_speedup`` stay for readers of earlier summaries.
+    """
     figures = result.metrics
     return {"stage": name, "method": method, metric: figures[metric],
             "size_bytes": int(figures["size_bytes"]), "sparsity": figures["sparsity"],
@@ -30,6 +35,8 @@ def summary_row(name: str, method: str, result: StageResult, metric: str, reused
             "compressed_bytes": figures.get("compressed_bytes"),
             "compressed_ratio": figures.get("compressed_ratio"),
             "latency_b1_speedup": figures.get("latency_b1_speedup", 1.0),
+            "timed_at": f"b{batch}", "latency_ms": figures.get(f"latency_ms_b{batch}"),
+            "latency_speedup": figures.get(f"latency_b{batch}_speedup", 1.0),
             "reused": reused, "notes": "; ".join(result.notes)}
 
 

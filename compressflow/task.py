@@ -246,6 +246,24 @@ class Task:
             joined = map_inputs(fit_length, joined)
         return joined
 
+    def token_lengths(self, loader: Iterable) -> list[int]:
+        """Tokens of every sample of ``loader`` (its attention mask's ones, else its 2-D
+        integer tensor's width); empty when the inputs are not tokens."""
+        lengths: list[int] = []
+        for batch in loader:
+            inputs, _ = self.split(batch)
+            if not isinstance(inputs, Mapping):
+                return []
+            mask = inputs.get("attention_mask")
+            if mask is None:
+                ids = next((t for t in inputs.values() if t.dim() == 2 and not t.is_floating_point()), None)
+                if ids is None:
+                    return []
+                lengths += [ids.shape[1]] * ids.shape[0]
+            else:
+                lengths += [int(n) for n in mask.sum(dim=1)]
+        return lengths
+
     def describe(self) -> str:
         """One line for listings: the task's metrics and which way is better."""
         return ", ".join(f"{n} ({'higher' if m.higher_is_better else 'lower'} is better)"

@@ -1,7 +1,8 @@
 """MLflow, as docs/architecture.md lays it out: one parent run a pipeline, one nested run a stage.
 
 Only this module, :mod:`compressflow.store` (the store's creation, checks and runs left by
-dead processes) and the mlflow model source talk to MLflow. Models are logged with
+dead processes) and the mlflow model source talk to MLflow, and a model that logs itself in
+its users' flavor too (``log_mlflow_flavors``: an ONNX graph). Models are logged with
 ``serialization_format="pickle"`` (the pt2 format fails on torch.ao quantized models) and
 explicit ``pip_requirements`` (inferring them costs seconds a call).
 """
@@ -235,6 +236,10 @@ class Tracker:
         )
         # MLflow 3 keeps logged models apart from runs: models:/<model_id> is their own address
         self.mlflow.set_tag(Tag.MODEL_URI, info.model_uri)
+        if callable(getattr(model, "log_mlflow_flavors", None)):
+            # a model its users load in another flavor (an ONNX graph: mlflow.onnx) logs that
+            # too, beside the pickled module the engine reloads; it returns {tag: uri}
+            self.mlflow.set_tags(model.log_mlflow_flavors(signature))
         return info.model_uri
 
     def end_stage(self, status: str = "FINISHED") -> None:

@@ -92,18 +92,19 @@ def print_summary(ctx) -> None:
     """One row a stage: the metric, size, sparsity, latency and ratios to the input."""
     metric = ctx.spec.evaluation.metric
     table = Table(title=f"{ctx.spec.name}  (experiment '{ctx.experiment}', run {ctx.run_id})")
-    for column in ("stage", "method", metric, "size_bytes", "sparsity", "latency_ms_b1",
-                   "smaller x", "faster x (b1)"):
+    at = ctx.summary[0]["timed_at"] if ctx.summary else "b1"
+    for column in ("stage", "method", metric, "size_bytes", "sparsity", f"latency ms ({at})",
+                   "smaller x", f"faster x ({at})"):
         table.add_column(column, overflow="fold")
     for row in ctx.summary:
-        latency = row["latency_ms_b1"]
+        latency = row.get("latency_ms", row["latency_ms_b1"])
         size, smaller = f"{row['size_bytes']:,}", f"{row['size_ratio']:.2f}"
         if row.get("compressed_bytes"):
             size += f" (packed {int(row['compressed_bytes']):,})"
             smaller += f" (packed {row['compressed_ratio']:.1f})"
         table.add_row(row["stage"], row["method"], f"{row[metric]:.4f}", size,
                       f"{row['sparsity']:.1%}", "-" if latency is None else f"{latency:.3f}",
-                      smaller, f"{row['latency_b1_speedup']:.2f}")
+                      smaller, f"{row.get('latency_speedup', row['latency_b1_speedup']):.2f}")
     console.print(table)
     for row in ctx.summary:
         if row["notes"]:

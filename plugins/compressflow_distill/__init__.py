@@ -5,6 +5,9 @@
 - ``distill/features`` (FitNets, Romero et al. 2015): hidden states too. ``layers`` maps
   student module names to teacher module names; where widths differ a projection (Linear, or
   1x1 conv for N,C,H,W features) learns alongside and is dropped from the returned model.
+  For task ``embedding`` (a Hugging Face encoder after ``structured/drop-layers``, say) the
+  features are the blocks' hidden states, matched at the attended tokens, and the task term
+  is ``1 - cosine`` to the teacher's embedding.
 
 ``finetune`` (compressflow_train) reuses :func:`compressflow_distill.losses.logits_kd_loss`
 when given a ``teacher``: distillation as recovery after pruning.
@@ -59,7 +62,9 @@ class FeaturesParams(TrainParams):
         "(as model.named_modules() names them, e.g. layers.1: layers.3)")
     feature_weight: float = Field(1.0, ge=0, description="weight of the mean feature MSE")
     logits_weight: float = Field(0.0, ge=0, description="weight of T^2 * KL on softened logits")
-    label_weight: float = Field(1.0, ge=0, description="weight of the cross-entropy on labels")
+    label_weight: float = Field(
+        1.0, ge=0, description="weight of the task's loss: cross-entropy on the labels "
+        "(classification), 1 - cosine to the teacher's embedding (embedding)")
     temperature: float = Field(4.0, ge=0.05, le=100,
                                description="softens both distributions (logits term)")
 
@@ -88,12 +93,13 @@ class _TermLogger:
 
 
 class FeaturesDistill(Stage):
-    """Train a student on the teacher's hidden states (and optionally logits) plus the labels."""
+    """Train a student on the teacher's hidden states (and optionally logits) plus the labels
+    (classification) or the teacher's embeddings (embedding)."""
 
     kind = "distill"
     method = "features"
     Params = FeaturesParams
-    tasks = ("classification",)
+    tasks = ("classification", "embedding")
 
     def run(self, model, ctx):
         from compressflow_distill.features import FeatureKD
@@ -104,7 +110,7 @@ class FeaturesDistill(Stage):
         data = ctx.data
         kd = FeatureKD(student, teacher, params.layers, feature_weight=params.feature_weight,
                        logits_weight=params.logits_weight, label_weight=params.label_weight,
-                       temperature=params.temperature)
+                       temperature=params.temperature, task=ctx.task)
         try:
             widths = kd.probe(student, data.example_input(2, ctx.task))
             logger = _TermLogger(ctx, kd)

@@ -5,6 +5,11 @@ runs it and on the teacher inside the loss. Where a student layer is narrower (o
 the teacher layer it learns from, a projection maps the student's width to the teacher's: an
 ``nn.Linear`` on the last dimension, or a 1x1 ``nn.Conv2d`` on the channels of a 4-D (N, C, H,
 W) feature. The projections train alongside the student and are not part of it.
+
+A transformer block's output may be a tuple (hidden states first) or the hidden states
+alone (transformers 5's BertLayer); either way the hidden states are what is matched, over
+the attended positions only where the inputs carry an ``attention_mask`` (padding positions
+hold no token, and poolings skip them).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from torch import nn
 
 from compressflow import ConfigError
 from compressflow.registry import nearest
+from compressflow.task import Inputs, batch_len, call
 from compressflow_distill.losses import soft_kl
 
 SHOWN = 40
@@ -57,6 +63,9 @@ class FeatureCapture:
         def hook(_module, _inputs, output):
             if isinstance(output, (tuple, list)) and output:
                 output = output[0]  # (output, state) pairs: an RNN, an attention block
+            elif hasattr(output, "to_tuple"):  # a transformers ModelOutput: its first field
+                fields = output.to_tuple()
+                output = fields[0] if fields else None
             self.outputs[name] = output
         return hook
 
@@ -102,11 +111,26 @@ def make_projection(student: torch.Tensor, teacher: torch.Tensor, pair: str) -> 
     return layer.to(device=student.device, dtype=student.dtype) if layer is not None else None
 
 
+def feature_mse(student: torch.Tensor, teacher: torch.Tensor, inputs: Inputs) -> torch.Tensor:
+    """MSE between two features; a token feature ``[batch, seq, dim]`` is compared at the
+    positions the inputs' ``attention_mask`` attends only."""
+    mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
+    if mask is None or student.dim() != 3 or tuple(mask.shape) != tuple(student.shape[:2]):
+        return F.mse_loss(student, teacher)
+    weights = mask.unsqueeze(-1).to(student.dtype)
+    squared = (student - teacher).pow(2) * weights
+    return squared.sum() / torch.clamp(weights.sum() * student.shape[-1], min=1)
+
+
 class FeatureKD:
-    """The ``distill/features`` loss: weighted feature MSE, soft-logits KL and cross-entropy.
+    """The ``distill/features`` loss: weighted feature MSE, soft-logits KL and the task's loss.
 
     ``loss = feature_weight * mean over pairs of MSE(project(student_feature), teacher_feature)
-    + logits_weight * soft_kl(student, teacher, T) + label_weight * cross_entropy``.
+    + logits_weight * soft_kl(student, teacher, T) + label_weight * task loss``. The task
+    loss is the cross-entropy on the labels (classification, or no ``task``: term
+    ``label_loss``), or, for a task that learns to match a model (embedding), the task's loss
+    against the *teacher's* prediction: ``1 - cosine`` to its embedding (term ``task_loss``).
+    The logits term is for classification only.
 
     Build it with the student and the teacher, call :meth:`probe` with a real batch (it checks
     the layers run and builds the projections), pass it as ``loss_fn`` and
@@ -116,7 +140,13 @@ class FeatureKD:
 
     def __init__(self, student: nn.Module, teacher: nn.Module, layers: Mapping[str, str], *,
                  feature_weight: float, logits_weight: float, label_weight: float,
-                 temperature: float) -> None:
+                 temperature: float, task=None) -> None:
+        if logits_weight and task is not None and task.name != "classification":
+            raise ConfigError(f"distill/features: logits_weight is for classification (softened "
+                              f"class logits), and the task is '{task.name}'",
+                              "set logits_weight: 0; label_weight weighs the task's own loss "
+                              "against the teacher")
+        self.task = task
         self.teacher = teacher.eval()
         self.layers = dict(layers)
         self.weights = (feature_weight, logits_weight, label_weight)
@@ -130,7 +160,7 @@ class FeatureKD:
         self._sums: dict[str, float] = {}
         self._seen = 0
 
-    def probe(self, student: nn.Module, inputs: torch.Tensor) -> dict[str, tuple[int, int]]:
+    def probe(self, student: nn.Module, inputs: Inputs) -> dict[str, tuple[int, int]]:
         """Run both models once; build a projection per pair whose widths differ.
 
         Returns ``{student_layer: (student_width, teacher_width)}`` for the projected pairs.
@@ -139,8 +169,8 @@ class FeatureKD:
         student.eval()
         try:
             with torch.no_grad():
-                student(inputs)
-                self.teacher(inputs)
+                self._feed(student, inputs)
+                self._feed(self.teacher, inputs)
             widths = {}
             for index, (s_name, t_name) in enumerate(self.layers.items()):
                 pair = f"layers: student '{s_name}' -> teacher '{t_name}'"
@@ -162,8 +192,15 @@ class FeatureKD:
             student.train(was_training)
         return widths
 
-    def feature_loss(self) -> torch.Tensor:
-        """Mean over the mapped pairs of the MSE between projected student and teacher features."""
+    def _feed(self, model: nn.Module, inputs: Inputs):
+        return self.task.feed(model, inputs) if self.task is not None else call(model, inputs)
+
+    def _predict(self, model: nn.Module, inputs: Inputs) -> torch.Tensor:
+        return self.task.predict(model, inputs) if self.task is not None else call(model, inputs)
+
+    def feature_loss(self, inputs: Inputs = None) -> torch.Tensor:
+        """Mean over the mapped pairs of the MSE between projected student and teacher
+        features (at the attended positions, where ``inputs`` has an attention mask)."""
         losses = []
         for s_name, t_name in self.layers.items():
             student = self.student_capture.get(s_name)
@@ -171,22 +208,31 @@ class FeatureKD:
             key = self._keys[s_name]
             if key in self.projections:
                 student = self.projections[key](student)
-            losses.append(F.mse_loss(student, teacher))
+            losses.append(feature_mse(student, teacher, inputs))
         return torch.stack(losses).mean()
 
-    def __call__(self, outputs: torch.Tensor, targets: torch.Tensor,
-                 inputs: torch.Tensor) -> torch.Tensor:
+    def task_term(self, outputs: torch.Tensor, targets, teacher: torch.Tensor
+                  ) -> tuple[str, torch.Tensor]:
+        """``(term name, value)`` of the task's loss: see the class docstring."""
+        task = self.task
+        if task is None or task.name == "classification":
+            return "label_loss", F.cross_entropy(outputs, targets)
+        if task.uses_reference:  # the teacher is the reference the student learns to match
+            return "task_loss", task.loss(outputs, targets, teacher)
+        return "task_loss", task.loss(outputs, targets)
+
+    def __call__(self, outputs: torch.Tensor, targets, inputs: Inputs) -> torch.Tensor:
         feature_weight, logits_weight, label_weight = self.weights
         # the loop ran the student on ``inputs`` just before: its features are captured
         with torch.no_grad():
-            teacher_logits = self.teacher(inputs)
-        terms = {"feature_loss": self.feature_loss(),
-                 "label_loss": F.cross_entropy(outputs, targets)}
+            teacher_outputs = self._predict(self.teacher, inputs)
+        task_name, task_loss = self.task_term(outputs, targets, teacher_outputs)
+        terms = {"feature_loss": self.feature_loss(inputs), task_name: task_loss}
         if logits_weight:
-            terms["logits_loss"] = soft_kl(outputs, teacher_logits, self.temperature)
-        loss = (feature_weight * terms["feature_loss"] + label_weight * terms["label_loss"]
+            terms["logits_loss"] = soft_kl(outputs, teacher_outputs, self.temperature)
+        loss = (feature_weight * terms["feature_loss"] + label_weight * task_loss
                 + logits_weight * terms.get("logits_loss", 0.0))
-        count = len(targets)
+        count = batch_len(inputs)
         for name, value in terms.items():
             self._sums[name] = self._sums.get(name, 0.0) + float(value.detach()) * count
         self._seen += count

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from compressflow import ConfigError, ModelSource, SourceContext, hookimpl
 from compressflow.plugins import TRUSTED_ONLY_ENV, trusted_only
 from compressflow_hf import folder as folders
+from compressflow_hf.layers import DropLayers
 
 Pooling = Literal["auto", "mean", "cls", "max", "mean_sqrt_len_tokens", "weightedmean",
                   "lasttoken", "none"]
@@ -150,3 +151,9 @@ def parse_args(args: dict[str, Any], ctx: SourceContext) -> HFArgs:
 def register_model_sources(registry) -> None:
     """The ``hf`` scheme."""
     registry.add("hf", HFSource())
+
+
+@hookimpl
+def register_stages(registry) -> None:
+    """structured/drop-layers: fewer layers of a Hugging Face transformer."""
+    registry.add(DropLayers)

@@ -119,6 +119,16 @@ class HFModel(nn.Module):
         """The transformers config of the wrapped model."""
         return self.model.config
 
+    def for_onnx_export(self) -> HFModel:
+        """A copy to trace for ONNX: eager attention, whose pattern onnxruntime fuses (SDPA
+        exports as one opaque op it cannot, and runs slower quantized)."""
+        import copy
+
+        twin = copy.deepcopy(self)
+        if callable(getattr(twin.model, "set_attn_implementation", None)):
+            twin.model.set_attn_implementation("eager")
+        return twin.eval()
+
     def save_pretrained(self, folder: str | Path) -> Path:
         """Write the model and its tokenizer where ``hf:`` (and transformers) load them again.
 

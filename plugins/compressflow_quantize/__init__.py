@@ -13,21 +13,37 @@ from compressflow_quantize.kmeans import KMeansQuantize  # light: torch only ins
 
 
 class DynamicInt8(Stage):
-    """torch.ao ``quantize_dynamic`` on every Linear layer not excluded (fbgemm on x86)."""
+    """torch.ao ``quantize_dynamic`` on every Linear layer not excluded (fbgemm on x86), and
+    with ``embeddings`` on every Embedding, weight-only."""
 
     kind = "quantize"
     method = "dynamic-int8"
     default = True
 
     class Params(StageParams):
-        exclude: list[str] = Field(default_factory=list, description="Linear layer-name patterns kept fp32")
+        exclude: list[str] = Field(
+            default_factory=list,
+            description="layer-name patterns kept fp32 (Linear; Embedding too with `embeddings`)")
+        embeddings: bool = Field(
+            False, description="also quantize nn.Embedding weights to 8 bits per row, weight-only "
+            "(torch.ao float_qparams_weight_only_qconfig: torch.ao.nn.quantized.Embedding)")
+        per_channel: bool = Field(
+            False, description="one Linear weight scale per output row (else one per layer)")
 
     def run(self, model, ctx):
+        from torch import nn
+
         from compressflow_quantize.dynamic import quantize_dynamic_int8
 
-        quantized, names = quantize_dynamic_int8(model, self.params.exclude)
-        return StageResult(quantized, metrics={"quantized_layers": len(names)},
-                           notes=[f"int8 weights in {len(names)} Linear layers"])
+        float_types = {n: type(m) for n, m in model.named_modules()}
+        p = self.params
+        quantized, names = quantize_dynamic_int8(model, p.exclude, p.embeddings, p.per_channel)
+        tables = sum(float_types[n] is nn.Embedding for n in names)
+        note = f"int8 weights in {len(names) - tables} Linear layers" + (
+            " (per channel)" if p.per_channel else "")
+        if self.params.embeddings:
+            note += f" and {tables} Embedding layers (8-bit rows, weight-only)"
+        return StageResult(quantized, metrics={"quantized_layers": len(names)}, notes=[note])
 
 
 # --- fake-quant, static-int8, qat, auto (heavy code in fakequant/static/qat/auto.py) ---------

@@ -108,7 +108,72 @@ class DepGraphPrune(Stage):
                            notes=notes)
 
 
+class HeadsParams(StageParams):
+    """How many heads and FFN neurons every encoder layer loses, and how they are ranked."""
+
+    heads: Ratio = Field(0.0, description="share of every layer's attention heads removed "
+                         "(whole heads; ceil(heads * count) go, the same in every layer)")
+    ffn: Ratio = Field(0.0, description="share of every layer's intermediate (FFN) neurons removed")
+    importance: Literal["activation", "magnitude", "taylor"] = Field(
+        "activation", description="activation: what each head/neuron adds to the residual "
+        "stream on the calibration batches; magnitude: weight norms (no data); taylor: "
+        "|w * dL/dw| of the task's loss (vanishes on a model that still equals its reference)")
+    calibration_batches: int | None = Field(
+        None, ge=1, description="activation/taylor: at most this many calibration batches "
+        "(default: the whole calibration loader)")
+
+
+class HeadsPrune(Stage):
+    """Remove whole attention heads and FFN neurons of a BERT-style encoder (the ``hf:``
+    source's HFEncoder), the same share in every layer, through torch-pruning's dependency
+    graph; the hidden size (the embedding width), the embeddings, LayerNorms and the pooler
+    stay as they are. The config's ``num_attention_heads``, ``intermediate_size`` and
+    ``head_dim`` follow.
+
+    Reloading: transformers derives BERT's head size as hidden_size / num_attention_heads,
+    so the ``save_pretrained`` folder of a model with heads removed does not load again
+    (transformers refuses it: size mismatch). ``compressflow_structured.transformer.
+    reloadable_copy(model)`` writes one that does, with identical embeddings: the removed
+    heads come back as zero heads (attention at full width again, the FFN still pruned).
+    In a pipeline the model is logged as a pickled module, which reloads as it is.
+
+        - structured_prune: {method: heads, heads: 0.5, ffn: 0.5}
+        - finetune: {epochs: 3, teacher: input}
+    """
+
+    kind = "structured_prune"
+    method = "heads"
+    Params = HeadsParams
+
+    def run(self, model, ctx):
+        from compressflow_structured.transformer import layer_table, prune_heads_and_ffn
+
+        params, data = self.params, ctx.data
+        uses_data = params.importance != "magnitude"
+        report = prune_heads_and_ffn(
+            model, data.example_input(8, ctx.task), heads=params.heads, ffn=params.ffn,
+            importance=params.importance, calibration=data.calibration if uses_data else None,
+            calibration_batches=params.calibration_batches, task=ctx.task,
+            reference=ctx.reference() if params.importance == "taylor" else None, seed=ctx.seed)
+        first = report.layers[0]
+        notes = [f"heads {first.heads_before} -> {first.heads_after} per layer, intermediate "
+                 f"{first.ffn_before} -> {first.ffn_after}, params {report.params_before:,} -> "
+                 f"{report.params_after:,}"]
+        if first.heads_after < first.heads_before:
+            notes.append("its save_pretrained folder does not reload in transformers (BERT's "
+                         "head size is hidden/heads); save reloadable_copy(model) instead")
+        if report.params_after == report.params_before:
+            notes.append("nothing was removed (heads and ffn too small for these widths?)")
+        metrics = {"heads_per_layer": first.heads_after, "ffn_per_layer": first.ffn_after,
+                   "params_removed": report.params_before - report.params_after}
+        if report.calibration_samples:
+            metrics["calibration_samples"] = report.calibration_samples
+        table = layer_table(report, ctx.workdir / "heads_layers.md")
+        return StageResult(model, metrics=metrics, artifacts={"heads_layers": table}, notes=notes)
+
+
 @hookimpl
 def register_stages(registry) -> None:
-    """structured_prune/depgraph."""
+    """structured_prune/depgraph and structured_prune/heads."""
     registry.add(DepGraphPrune)
+    registry.add(HeadsPrune)

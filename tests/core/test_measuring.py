@@ -34,7 +34,7 @@ def test_an_unchanged_model_is_one_x_within_the_spread():
         q1, q3 = figures[f"latency_b{batch}_speedup_q1"], figures[f"latency_b{batch}_speedup_q3"]
         assert q1 <= 1.0 <= q3, (batch, q1, figures[f"latency_b{batch}_speedup"], q3)
         assert figures[f"latency_ms_b{batch}"] > 0 and figures[f"latency_ms_b{batch}_iqr"] >= 0
-    notes = honesty_notes(figures, figures, [1, 64], None)
+    notes = honesty_notes(figures, figures, [1, 64], [None])
     assert not any("slower" in n for n in notes)
 
 
@@ -51,7 +51,7 @@ def test_notes_say_when_sparsity_saved_no_bytes_and_no_time():
     figures = {"sparsity": 0.8, "size_bytes": 100, "macs": 10,
                "latency_b1_speedup": 1.01, "latency_b1_speedup_q1": 0.95, "latency_b1_speedup_q3": 1.07,
                "latency_b64_speedup": 0.5, "latency_b64_speedup_q1": 0.45, "latency_b64_speedup_q3": 0.55}
-    notes = " ".join(honesty_notes(figures, before, [1, 64], None))
+    notes = " ".join(honesty_notes(figures, before, [1, 64], [None]))
     assert "not smaller on disk" in notes
     assert "latency at batch 1: no measurable speedup" in notes and "batch 64: slower" in notes
 

@@ -2,7 +2,9 @@
 
 A teacher MLP (64-128-64-10) teaches a 64-16-10 student its hidden states on the digits; the
 16-wide student layer needs a projection to the teacher's 64, which trains alongside and is
-not part of the model the stage returns (nor of the one MLflow holds).
+not part of the model the stage returns (nor of the one MLflow holds). For the embedding task,
+blocks returning tuples are matched at the attended tokens, and the task term is 1 - cosine to
+the teacher's embedding.
 """
 
 from __future__ import annotations
@@ -202,3 +204,69 @@ def test_the_feature_term_moves_the_student_toward_the_teacher_features():
             distances[weight] = float(nn.functional.mse_loss(student.layers[:2](inputs),
                                                              teacher.layers[:2](inputs)))
     assert distances[1.0] < 0.7 * distances[0.0]  # measured: about 0.5x
+
+
+class _Block(nn.Module):
+    """A transformer-like block: ``(hidden_states, attention)`` out, as older BertLayers give."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(width, width)
+
+    def forward(self, states):
+        return self.linear(states), None
+
+
+class _Encoder(nn.Module):
+    """Takes a tokenizer's dict; returns a mean-pooled embedding over the attended tokens."""
+
+    def __init__(self, width: int, blocks: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, width)
+        self.blocks = nn.ModuleList(_Block(width) for _ in range(blocks))
+
+    def forward(self, input_ids, attention_mask):
+        states = self.embed(input_ids)
+        for block in self.blocks:
+            states = block(states)[0]
+        weights = attention_mask.unsqueeze(-1).float()
+        return (states * weights).sum(1) / weights.sum(1)
+
+
+def test_embedding_task_matches_tuple_block_states_at_attended_tokens_and_the_teachers_cosine():
+    from compressflow_tasks import Embedding
+
+    torch.manual_seed(0)
+    student, teacher = _Encoder(8, 1), _Encoder(8, 2)
+    inputs = {"input_ids": torch.randint(0, 10, (3, 5)),
+              "attention_mask": torch.tensor([[1] * 5, [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]])}
+    kd = FeatureKD(student, teacher, {"blocks.0": "blocks.1"}, feature_weight=1,
+                   logits_weight=0, label_weight=1, temperature=4, task=Embedding())
+    try:
+        assert kd.probe(student, inputs) == {}  # dict inputs, tuple outputs: same widths
+        outputs = Embedding().predict(student, inputs)
+        loss = kd(outputs, None, inputs)
+        with torch.no_grad():
+            s_states = student.blocks[0](student.embed(inputs["input_ids"]))[0]
+            t_states = teacher.embed(inputs["input_ids"])
+            t_states = teacher.blocks[1](teacher.blocks[0](t_states)[0])[0]
+            expected_cosine = 1 - nn.functional.cosine_similarity(outputs, teacher(**inputs)).mean()
+        attended = inputs["attention_mask"].bool()  # padding positions are not compared
+        expected_mse = nn.functional.mse_loss(s_states[attended], t_states[attended])
+        terms = kd.epoch_terms()
+        assert set(terms) == {"feature_loss", "task_loss"}  # no cross-entropy: no labels
+        assert terms["task_loss"] == pytest.approx(float(expected_cosine), rel=1e-5)
+        assert terms["feature_loss"] == pytest.approx(float(expected_mse), rel=1e-5)
+        expected = float(expected_mse + expected_cosine)
+        assert float(loss.detach()) == pytest.approx(expected, rel=1e-5)
+    finally:
+        kd.close()
+
+
+def test_the_logits_term_is_refused_for_an_embedding_task():
+    from compressflow_tasks import Embedding
+
+    with pytest.raises(ConfigError, match="logits_weight is for classification") as raised:
+        FeatureKD(_Encoder(8, 1), _Encoder(8, 1), {"blocks.0": "blocks.0"}, feature_weight=1,
+                  logits_weight=0.5, label_weight=1, temperature=4, task=Embedding())
+    assert "logits_weight: 0" in raised.value.hint

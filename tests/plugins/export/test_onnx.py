@@ -53,15 +53,19 @@ def test_onnx_parity_and_latency_logged(tmp_path, store):
 def test_cnn_exports_with_parity(tmp_path):
     from compressflow import DataSpec
     from compressflow_data.loaders import load_digits_bundle
+    from compressflow.task import default_task
     from compressflow_export.onnx_export import export_and_check
     from compressflow_models.zoo import CNN
 
     torch.manual_seed(0)
     model = CNN(channels=[4, 8], hidden=16).eval()
     data = load_digits_bundle(DataSpec(dataset="digits"), 0, model.input_shape)
-    metrics = export_and_check(model, data, tmp_path / "cnn.onnx", opset=None, threads=1,
-                               warmup=1, repeats=3)
+    metrics, graph = export_and_check(model, data, tmp_path / "cnn.onnx", default_task(), opset=None,
+                                      exporter="auto", threads=1, warmup=1, repeats=3)
     assert 0 <= metrics["onnx_max_abs_diff"] < 1e-4
+    inputs = data.example_input(5)
+    with torch.inference_mode():
+        assert torch.allclose(graph(inputs), model(inputs), atol=1e-4)
     assert metrics["onnx_latency_ms_b1"] > 0 and metrics["onnx_latency_ms_b64"] > 0
     assert metrics["onnx_bytes"] == (tmp_path / "cnn.onnx").stat().st_size
     assert not list(tmp_path.glob("*.data"))  # weights inside the one file
