@@ -34,9 +34,9 @@ def summary_row(name: str, method: str, result: StageResult, metric: str, reused
             "size_ratio": figures.get("size_ratio", 1.0),
             "compressed_bytes": figures.get("compressed_bytes"),
             "compressed_ratio": figures.get("compressed_ratio"),
-            "latency_b1_speedup": figures.get("latency_b1_speedup", 1.0),
+            "latency_b1_speedup": figures.get("latency_b1_speedup"),
             "timed_at": f"b{batch}", "latency_ms": figures.get(f"latency_ms_b{batch}"),
-            "latency_speedup": figures.get(f"latency_b{batch}_speedup", 1.0),
+            "latency_speedup": figures.get(f"latency_b{batch}_speedup"),
             "reused": reused, "notes": "; ".join(result.notes)}
 
 

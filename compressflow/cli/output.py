@@ -102,9 +102,10 @@ def print_summary(ctx) -> None:
         if row.get("compressed_bytes"):
             size += f" (packed {int(row['compressed_bytes']):,})"
             smaller += f" (packed {row['compressed_ratio']:.1f})"
+        speedup = row.get("latency_speedup", row["latency_b1_speedup"])
         table.add_row(row["stage"], row["method"], f"{row[metric]:.4f}", size,
                       f"{row['sparsity']:.1%}", "-" if latency is None else f"{latency:.3f}",
-                      smaller, f"{row.get('latency_speedup', row['latency_b1_speedup']):.2f}")
+                      smaller, "-" if speedup is None else f"{speedup:.2f}")
     console.print(table)
     for row in ctx.summary:
         if row["notes"]:

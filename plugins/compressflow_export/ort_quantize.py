@@ -42,7 +42,7 @@ def extra_options() -> dict[str, Any]:
 
 
 def weight_type(name: str) -> Any:
-    """``int8`` / ``uint8`` as onnxruntime's QuantType."""
+    """``int8`` / ``uint8`` as onnxruntime's QuantType (for weights or activations)."""
     from onnxruntime.quantization import QuantType
 
     return {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[name]
@@ -110,7 +110,7 @@ def pad_tokens(feeds: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def quantize_static(source: Path, target: Path, calibration: Calibration, *, per_channel: bool,
-                    method: str, op_types: list[str], exclude: list[str]) -> Path:
+                    method: str, activations: str, op_types: list[str], exclude: list[str]) -> Path:
     """onnxruntime.quantization.quantize_static (QDQ) from ``source`` to ``target``."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
     from onnxruntime.quantization import quantize_static as ort_static
@@ -119,7 +119,7 @@ def quantize_static(source: Path, target: Path, calibration: Calibration, *, per
                "percentile": CalibrationMethod.Percentile}
     with quiet():
         ort_static(str(source), str(target), calibration, quant_format=QuantFormat.QDQ,
-                   per_channel=per_channel, activation_type=QuantType.QInt8,
+                   per_channel=per_channel, activation_type=weight_type(activations),
                    weight_type=QuantType.QInt8, calibrate_method=methods[method],
                    op_types_to_quantize=op_types or None, nodes_to_exclude=exclude or None,
                    extra_options=extra_options())

@@ -14,8 +14,12 @@ real attention mask and normalized as the folder's sentence-transformers config 
 downloaded, and a folder's own code never runs (no ``trust_remote_code``); with
 ``--trusted-only`` only safetensors weights load, never a pickled ``pytorch_model.bin``.
 
-This module and :mod:`compressflow_hf.folder` import neither torch nor transformers, so
-validation stays fast; :mod:`compressflow_hf.model` loads.
+Stages: ``structured/drop-layers`` (:mod:`compressflow_hf.layers`: fewer layers of a
+transformer) and ``export/hf`` (:mod:`compressflow_hf.export`: the model as a folder
+transformers, sentence-transformers and ``hf:`` load again, kept as the ``model`` artifact).
+
+This module, :mod:`compressflow_hf.folder` and the stages' modules import neither torch nor
+transformers, so validation stays fast; :mod:`compressflow_hf.model` loads.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from compressflow import ConfigError, ModelSource, SourceContext, hookimpl
 from compressflow.plugins import TRUSTED_ONLY_ENV, trusted_only
 from compressflow_hf import folder as folders
+from compressflow_hf.export import HFExport
 from compressflow_hf.layers import DropLayers
 
 Pooling = Literal["auto", "mean", "cls", "max", "mean_sqrt_len_tokens", "weightedmean",
@@ -155,5 +160,7 @@ def register_model_sources(registry) -> None:
 
 @hookimpl
 def register_stages(registry) -> None:
-    """structured/drop-layers: fewer layers of a Hugging Face transformer."""
+    """structured/drop-layers: fewer layers of a Hugging Face transformer; export/hf: its
+    save_pretrained folder."""
     registry.add(DropLayers)
+    registry.add(HFExport)

@@ -4,13 +4,15 @@ An :class:`HFEncoder` takes the tokenizer's dict as keyword arguments and return
 sentence embedding per sample, pooled over the real attention mask as sentence-transformers
 pools; an :class:`HFCausalLM` returns the next-token logits. Both carry ``.tokenizer`` and
 ``.config``, deep-copy and pickle (the engine copies every stage's input and logs models
-with pickle), and write a folder transformers and sentence-transformers load again
-(:meth:`HFModel.save_pretrained`).
+with pickle), and write a folder transformers and sentence-transformers load again with the
+same outputs (:meth:`HFModel.save_pretrained`): attention heads a stage removed are written
+back as zero heads, and a model holding int8 layers is refused rather than written broken.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import sys
@@ -130,16 +132,119 @@ class HFModel(nn.Module):
         return twin.eval()
 
     def save_pretrained(self, folder: str | Path) -> Path:
-        """Write the model and its tokenizer where ``hf:`` (and transformers) load them again.
+        """Write the model and its tokenizer where ``hf:`` (and transformers) load them again,
+        giving the same outputs; returns ``folder``.
 
-        A model whose layers a stage replaced by non-transformers modules (torch.ao int8)
-        writes what transformers can; loading it back is that library's business.
+        Attention heads a stage removed (structured_prune/heads) are written back as zero
+        heads (:func:`with_full_heads`): the folder's attention runs at full width again, its
+        FFN stays pruned, and this model is not changed. A model holding int8 layers
+        (:func:`unwritable_layer`) raises ConfigError before anything is written.
         """
+        refuse_unwritable(self)
         folder = Path(folder)
+        model = with_full_heads(self.model) if heads_removed(self.model) else self.model
         with quiet():
-            self.model.save_pretrained(folder)  # safetensors, the only format transformers 5 writes
+            model.save_pretrained(folder)  # safetensors, the only format transformers 5 writes
             self.tokenizer.save_pretrained(folder)
         return folder
+
+
+# torch.ao's int8 modules: the first is quantize/dynamic-int8's (torch.nn.quantized aliases it)
+QUANTIZED_MODULES = ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized", "torch.nn.quantized")
+
+
+def unwritable_layer(model: nn.Module) -> tuple[str, str] | None:
+    """``(name, what it is)`` of the first layer ``save_pretrained`` cannot write as a folder
+    that loads again: a torch.ao quantized module (quantize/dynamic-int8), or a weight held as
+    a tensor subclass (torchao's int8 tensors). None when every layer is plain."""
+    for name, module in model.named_modules():
+        kind = type(module)
+        if kind.__module__.startswith(QUANTIZED_MODULES):
+            return name, f"a {kind.__module__}.{kind.__name__}"
+        for weight in module.parameters(recurse=False):
+            if type(weight) not in (torch.Tensor, nn.Parameter):
+                return name, f"a layer whose weight is a {type(weight).__name__}"
+    return None
+
+
+def refuse_unwritable(model: nn.Module) -> None:
+    """ConfigError naming the first layer :func:`unwritable_layer` finds, if any.
+
+    transformers writes such a model's config.json and then fails on the packed weights (or
+    writes weights nothing reloads): a folder that looks saved and is broken.
+    """
+    found = unwritable_layer(model)
+    if found is not None:
+        raise ConfigError(
+            f"save_pretrained: {found[0] or 'the model'} is {found[1]} (int8), which "
+            "transformers cannot write as a folder that loads again",
+            "save the float model (before quantize); for a deployable int8 file, export the "
+            "float model with export: {method: onnx, pass_on: onnxruntime} then quantize: "
+            "{method: ort-dynamic}, whose onnx artifact folder onnxruntime loads")
+
+
+def attention_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, block)`` of every BERT-style attention block of ``model`` (BertAttention and
+    its kin): one holding ``self.query``/``key``/``value`` and ``output.dense`` Linears."""
+    found = []
+    for name, module in model.named_modules():
+        inner = getattr(module, "self", None)
+        output = getattr(getattr(module, "output", None), "dense", None)
+        if isinstance(output, nn.Linear) and all(
+                isinstance(getattr(inner, key, None), nn.Linear) for key in ("query", "key", "value")):
+            found.append((name, module))
+    return found
+
+
+def heads_removed(model: nn.Module) -> bool:
+    """Whether some attention block of ``model`` holds fewer heads than its config's layout
+    implies (``query`` narrower than ``hidden_size``). Such a plain folder does not load:
+    transformers 5.17's BertSelfAttention derives the head size as hidden_size /
+    num_attention_heads, and no setting (no ``head_dim``, no ``pruned_heads``) says otherwise."""
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    return isinstance(hidden, int) and any(
+        block.self.query.out_features != hidden for _name, block in attention_blocks(model))
+
+
+def with_full_heads(model: nn.Module) -> nn.Module:
+    """A twin of the transformers ``model`` whose folder transformers loads with the same
+    outputs: every removed head comes back as an all-zero head (zero query, key and value
+    rows and biases, zero columns of ``output.dense``). Its scores are uniform, but its zero
+    values make it add exactly nothing. The twin shares every other tensor with ``model``
+    (nothing large is copied) and ``model`` is not changed."""
+    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    twin = copy.deepcopy(model, shared)  # memo: modules are new, tensors stay shared
+    hidden = int(twin.config.hidden_size)
+    for name, block in attention_blocks(twin):
+        attention = block.self
+        size, width = int(attention.attention_head_size), attention.query.out_features
+        if hidden % size or width % size or width > hidden:
+            raise ConfigError(f"save_pretrained: {name} holds {width} attention channels in heads "
+                              f"of {size}, which no head count of hidden size {hidden} matches",
+                              "this attention layout cannot be written as a transformers folder")
+        twin.config.num_attention_heads = hidden // size
+        if width == hidden:
+            continue
+        for key in ("query", "key", "value"):
+            setattr(attention, key, _grown(getattr(attention, key), rows=hidden))
+        block.output.dense = _grown(block.output.dense, columns=hidden)
+        attention.num_attention_heads, attention.all_head_size = hidden // size, hidden
+    return twin
+
+
+def _grown(layer: nn.Linear, *, rows: int | None = None, columns: int | None = None) -> nn.Linear:
+    """``layer`` with zero output rows (and bias) up to ``rows``, or zero input columns up to
+    ``columns``; its own weights and bias where they were."""
+    out_features, in_features = rows or layer.out_features, columns or layer.in_features
+    grown = nn.Linear(in_features, out_features, bias=layer.bias is not None,
+                      device=layer.weight.device, dtype=layer.weight.dtype)
+    with torch.no_grad():
+        grown.weight.zero_()
+        grown.weight[: layer.out_features, : layer.in_features] = layer.weight
+        if layer.bias is not None:
+            grown.bias.zero_()
+            grown.bias[: layer.out_features] = layer.bias
+    return grown
 
 
 class HFEncoder(HFModel):

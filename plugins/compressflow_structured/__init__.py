@@ -131,11 +131,11 @@ class HeadsPrune(Stage):
     ``head_dim`` follow.
 
     Reloading: transformers derives BERT's head size as hidden_size / num_attention_heads,
-    so the ``save_pretrained`` folder of a model with heads removed does not load again
-    (transformers refuses it: size mismatch). ``compressflow_structured.transformer.
-    reloadable_copy(model)`` writes one that does, with identical embeddings: the removed
-    heads come back as zero heads (attention at full width again, the FFN still pruned).
-    In a pipeline the model is logged as a pickled module, which reloads as it is.
+    so a folder with fewer heads would not load; ``HFEncoder.save_pretrained`` (and
+    ``export/hf``) write the removed heads back as zero heads, which reloads in transformers
+    and sentence-transformers with identical embeddings (attention at full width again
+    there, the FFN still pruned). In a pipeline the model is logged as a pickled module,
+    which reloads as it is, at its pruned width.
 
         - structured_prune: {method: heads, heads: 0.5, ffn: 0.5}
         - finetune: {epochs: 3, teacher: input}
@@ -160,8 +160,8 @@ class HeadsPrune(Stage):
                  f"{first.ffn_before} -> {first.ffn_after}, params {report.params_before:,} -> "
                  f"{report.params_after:,}"]
         if first.heads_after < first.heads_before:
-            notes.append("its save_pretrained folder does not reload in transformers (BERT's "
-                         "head size is hidden/heads); save reloadable_copy(model) instead")
+            notes.append("a save_pretrained folder (export/hf) writes the removed heads back as "
+                         "zero heads, since transformers cannot load fewer; it embeds identically")
         if report.params_after == report.params_before:
             notes.append("nothing was removed (heads and ffn too small for these widths?)")
         metrics = {"heads_per_layer": first.heads_after, "ffn_per_layer": first.ffn_after,

@@ -73,6 +73,7 @@ def test_onnxruntime_threads_follow_torchs(graph):
 def test_int8_pipelines_pass_on_smaller_graphs_logged_as_onnx(tmp_path, store, stage):
     import mlflow
     import mlflow.onnx
+    import mlflow.pytorch
     import onnxruntime as ort
 
     from compressflow_export.runtime import OnnxModel
@@ -101,6 +102,9 @@ def test_int8_pipelines_pass_on_smaller_graphs_logged_as_onnx(tmp_path, store, s
     with torch.inference_mode():
         expected = runner.models["int8"](inputs).numpy()
     assert abs(session.run(None, {"input": inputs.numpy()})[0] - expected).max() < 1e-5
+    # and the engine's own record (what --resume and --reuse reload) is the same graph
+    record = mlflow.pytorch.load_model(run.data.tags["compressflow.model_uri"])
+    assert isinstance(record, OnnxModel) and record.graph_bytes() == runner.models["int8"].graph_bytes()
 
 
 def test_a_torch_model_is_refused_with_the_stage_to_put_first(tmp_path, store):

@@ -17,12 +17,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("torch_pruning")
 
-from compressflow_structured.transformer import (  # noqa: E402
-    check_forward,
-    heads_removed,
-    prune_heads_and_ffn,
-    reloadable_copy,
-)
+from compressflow_hf.model import heads_removed  # noqa: E402
+from compressflow_structured.transformer import check_forward, prune_heads_and_ffn  # noqa: E402
 
 HEADS, HEAD_SIZE, HIDDEN, FFN = 4, 8, 32, 64
 
@@ -212,25 +208,25 @@ def test_a_broken_layer_fails_naming_it(encoder, task):
 # --- saving and reloading -------------------------------------------------------------------
 
 
-def test_the_plain_folder_is_refused_and_the_reloadable_copy_reloads_identically(
+def test_save_pretrained_writes_a_folder_that_reloads_identically_and_leaves_the_model(
         encoder, task, tmp_path):
     from sentence_transformers import SentenceTransformer
     from transformers import AutoModel
 
     prune(encoder, task, heads=0.5, ffn=0.5)
     pruned = embed(encoder)
-    plain = encoder.save_pretrained(tmp_path / "plain")
-    with pytest.raises(RuntimeError, match="mismatch"):  # never random weights, silently
-        AutoModel.from_pretrained(plain, local_files_only=True)
-    with pytest.raises(RuntimeError, match="mismatch"):
-        SentenceTransformer(str(plain), device="cpu", local_files_only=True)
-    with pytest.raises(ConfigError, match="does not load"):
-        load(plain)
+    weights = {k: v.clone() for k, v in encoder.state_dict().items()}
+    folder = encoder.save_pretrained(tmp_path / "saved")
 
-    padded = reloadable_copy(encoder)
-    assert heads_removed(encoder) and not heads_removed(padded)
-    assert padded.config.num_attention_heads == HEADS and padded.config.intermediate_size == 32
-    folder = padded.save_pretrained(tmp_path / "padded")
+    # the model itself keeps its removed heads: only the folder has them back, as zero heads
+    assert heads_removed(encoder) and encoder.config.num_attention_heads == 2
+    assert encoder.state_dict().keys() == weights.keys()
+    assert all(torch.equal(v, weights[k]) for k, v in encoder.state_dict().items())
+    bert = AutoModel.from_pretrained(folder, local_files_only=True)
+    assert not heads_removed(bert)
+    assert bert.config.num_attention_heads == HEADS and bert.config.intermediate_size == 32
+    query = bert.encoder.layer[0].attention.self.query
+    assert query.weight.shape == (HIDDEN, HIDDEN) and (query.weight[2 * HEAD_SIZE:] == 0).all()
     assert torch.allclose(embed(load(folder)), pruned, atol=1e-6)
     loaded = SentenceTransformer(str(folder), device="cpu", local_files_only=True)
     assert torch.allclose(torch.tensor(loaded.encode(EVAL_LINES)), pruned, atol=1e-5)
