@@ -173,7 +173,8 @@ class Dataset:
     """Base of a dataset plugin: set ``Params`` and write ``load`` (and, cheaply, ``check``).
 
     ``tasks``: the task names it serves (None: any). ``check`` runs during validation with
-    validated params and no model: it catches what can be known early (a missing file).
+    validated params and no model: it catches what can be known early (a missing file);
+    ``digest``, after it, fingerprints the files for the stage keys.
     """
 
     Params: ClassVar[type[DatasetParams]] = DatasetParams
@@ -181,6 +182,17 @@ class Dataset:
 
     def check(self, params: DatasetParams, ctx: DataContext) -> None:
         """Raise ConfigError if the data cannot load; default: accept."""
+
+    def digest(self, params: DatasetParams, ctx: DataContext) -> str | None:
+        """A fingerprint of the data's content (its files' bytes), run after ``check`` in
+        every validation and part of the stage keys: without it, ``--reuse`` and
+        ``--resume`` would hand back results of files edited since.
+
+        Default None: the params alone say what loads (a packaged or generated set). Keep
+        it cheap (:mod:`compressflow.fingerprint` hashes files); None also where a file is
+        missing (``check`` reports that).
+        """
+        return None
 
     def load(self, params: DatasetParams, ctx: DataContext) -> DataBundle:
         """Build the loaders."""

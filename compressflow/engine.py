@@ -35,6 +35,8 @@ class PlannedStage:
     data: DataSpec
     key: str = ""
     """Identifies the stage's result: equal keys, equal work (see :func:`stage_key`)."""
+    content: dict[str, Any] = field(default_factory=dict)
+    """Digests of the files it reads beyond its input model: its data's, its params' models'."""
 
 
 @dataclass
@@ -66,18 +68,22 @@ def validate(path: str | Path, overrides: list[str] = (), plugins: Plugins | Non
     loaded = load_pipeline(path, list(overrides))
     plugins = plugins or load_plugins()
     spec = loaded.spec
-    check_model_spec(spec.model, loaded, ("model",), plugins)
+    model_digest = check_model_spec(spec.model, loaded, ("model",), plugins)
     task = _task(loaded, plugins)
     _check_metrics(loaded, plugins, task)
-    data_params = {data_key(spec.data): check_data(spec.data, loaded, ("data",), plugins, task)}
+    # (params, digest) by data key: a stage's own data is checked (and hashed) once
+    checked = {data_key(spec.data): check_data(spec.data, loaded, ("data",), plugins, task)}
     planned: list[PlannedStage] = []
     for entry in loaded.stages:
         stage = _plan_stage(entry, loaded, plugins, [p.entry.name for p in planned], task)
-        if data_key(stage.data) not in data_params:
-            data_params[data_key(stage.data)] = check_data(
+        if data_key(stage.data) not in checked:
+            checked[data_key(stage.data)] = check_data(
                 stage.data, loaded, ("stages", entry.index, "data"), plugins, task)
+        stage.content["data"] = checked[data_key(stage.data)][1]
         planned.append(stage)
+    data_params = {key: params for key, (params, _) in checked.items()}
     input_key = _digest({"model": spec.model.model_dump(mode="json"), "seed": spec.seed,
+                         "content": [model_digest, checked[data_key(spec.data)][1]],
                          "task": spec.task.model_dump(mode="json"),
                          "data": spec.data.model_dump(mode="json"),
                          "evaluation": spec.evaluation.model_dump(mode="json"),
@@ -130,14 +136,15 @@ def _check_metrics(loaded: PipelineFile, plugins: Plugins, task: Task) -> None:
 
 
 def check_data(data: DataSpec, loaded: PipelineFile, loc: tuple, plugins: Plugins,
-               task: Task) -> Any:
+               task: Task) -> tuple[Any, str | None]:
     """The dataset exists, serves the task, and its params (``data.args``) validate.
 
-    Returns the validated params (None for a legacy factory, whose args stay unchecked).
+    Returns the validated params and the dataset's :meth:`~compressflow.Dataset.digest` of
+    its files (both None for a legacy factory, whose args stay unchecked).
     """
     dataset = plugins.datasets.get(data.dataset, loaded.place(loc + ("dataset",)))
     if not isinstance(dataset, Dataset):
-        return None
+        return None, None
     what = f"dataset '{data.dataset}'"
     if dataset.tasks is not None and task.name not in dataset.tasks:
         raise ConfigError(
@@ -149,9 +156,9 @@ def check_data(data: DataSpec, loaded: PipelineFile, loc: tuple, plugins: Plugin
         params = dataset.Params.model_validate(data.args, context={"base_dir": base_dir})
     except ValidationError as error:
         raise config_error(error, loaded, loc + ("args",), what) from None
-    dataset.check(params, DataContext(data, loaded.spec.seed, base_dir,
-                                      loaded.place(loc + ("args",)), task.name))
-    return params
+    ctx = DataContext(data, loaded.spec.seed, base_dir, loaded.place(loc + ("args",)), task.name)
+    dataset.check(params, ctx)
+    return params, dataset.digest(params, ctx)
 
 
 def _digest(document: dict) -> str:
@@ -161,7 +168,8 @@ def _digest(document: dict) -> str:
 
 def stage_key(input_key: str, planned: PlannedStage) -> str:
     """The stage's identity: its input's key, kind/method, plugin and version, a digest of
-    its plugin's code (:mod:`compressflow.fingerprint`), params, data.
+    its plugin's code (:mod:`compressflow.fingerprint`), params, data, and the digests of
+    the files its data and its params' model specs read (``planned.content``).
 
     Two stages with equal keys do the same work on the same model, so a sweep may reuse one
     for the other. The seed and evaluation settings enter through the input's key.
@@ -171,7 +179,8 @@ def stage_key(input_key: str, planned: PlannedStage) -> str:
                     "plugin": f"{planned.provider.distribution} {planned.provider.version}",
                     "code": code_digest(stage),
                     "params": stage.params.model_dump(mode="json"),
-                    "data": planned.data.model_dump(mode="json"), "index": planned.entry.index})
+                    "data": planned.data.model_dump(mode="json"), "index": planned.entry.index,
+                    "content": planned.content})
 
 
 def _plan_stage(entry: StageEntry, loaded: PipelineFile, plugins: Plugins,
@@ -218,19 +227,26 @@ def _plan_stage(entry: StageEntry, loaded: PipelineFile, plugins: Plugins,
             f"names no earlier stage{nearest(gate.against, choices)}",
             f"compare with 'input', 'previous' or an earlier stage: {', '.join(choices)}",
         )
-    for field_name, model_spec in params.model_specs().items():
-        check_model_spec(model_spec, loaded, loc + (entry.kind, field_name), plugins)
+    models = {field_name: check_model_spec(model_spec, loaded, loc + (entry.kind, field_name), plugins)
+              for field_name, model_spec in params.model_specs().items()}
     stage = stage_class(entry.name, params, entry.data)
-    return PlannedStage(entry, stage, provider, data)
+    return PlannedStage(entry, stage, provider, data, content={"models": models} if models else {})
 
 
-def check_model_spec(model_spec: ModelSpec, loaded: PipelineFile, loc: tuple, plugins: Plugins) -> None:
-    """The scheme is registered and the source's cheap ``check`` accepts the reference."""
+def check_model_spec(model_spec: ModelSpec, loaded: PipelineFile, loc: tuple,
+                     plugins: Plugins) -> str | None:
+    """The scheme is registered and the source's cheap ``check`` accepts the reference.
+
+    Returns the source's :meth:`~compressflow.ModelSource.digest` of what the reference
+    loads (None for a source without one, or a plain callable)."""
     place = loaded.place(loc + ("source",))
     source = plugins.model_sources.get(model_spec.scheme, place)
+    ctx = source_context(loaded, model_spec, place)
     check = getattr(source, "check", None)
     if check is not None:
-        check(model_spec.reference, model_spec.args, source_context(loaded, model_spec, place))
+        check(model_spec.reference, model_spec.args, ctx)
+    digest = getattr(source, "digest", None)
+    return digest(model_spec.reference, model_spec.args, ctx) if digest is not None else None
 
 
 def source_context(loaded: PipelineFile, model_spec: ModelSpec, place: str,

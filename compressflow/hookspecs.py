@@ -70,8 +70,9 @@ def register_model_sources(registry: ModelSourceRegistry) -> None:
 
     A pipeline names a model as ``<scheme>:<reference>`` (``zoo:mlp``, ``file:w.pt``); the
     source turns the reference and its ``args`` into a ``torch.nn.Module``. A source is a
-    :class:`compressflow.ModelSource` (``load`` and an optional cheap ``check`` run during
-    validation) or a plain callable ``(reference, args, ctx) -> nn.Module``.
+    :class:`compressflow.ModelSource` (``load``, and an optional cheap ``check`` and
+    ``digest`` run during validation: ``digest`` fingerprints the files a reference names,
+    for the stage keys) or a plain callable ``(reference, args, ctx) -> nn.Module``.
 
     :param registry: the model-source registrar; ``add`` raises if the scheme is taken.
     """
@@ -84,7 +85,8 @@ def register_datasets(registry: DatasetRegistry) -> None:
     A dataset is a :class:`compressflow.Dataset` subclass with a pydantic ``Params`` model
     (its settings, written under ``data.args`` and validated with the whole pipeline before
     anything runs; a :data:`compressflow.DataPath` field resolves from the pipeline file's
-    folder), an optional cheap ``check(params, ctx)`` run during validation, and
+    folder), an optional cheap ``check(params, ctx)`` and ``digest(params, ctx)`` (a
+    fingerprint of the files, for the stage keys) run during validation, and
     ``load(params, ctx) -> DataBundle``. ``ctx`` is a :class:`compressflow.DataContext`:
     the ``data:`` spec (batch size, fractions), seed, the pipeline's folder, the task's name,
     the input model's ``input_shape`` and the model itself (a tokenizer's owner).

@@ -271,14 +271,27 @@ class Stage:
 
 
 class ModelSource:
-    """Base of a model source scheme: ``load`` builds the model; ``check`` is run in validate.
+    """Base of a model source scheme: ``load`` builds the model; ``check`` and ``digest``
+    are run in validate.
 
     ``check`` must be cheap and import nothing heavy: it only catches what can be known
-    without building the model (an unknown zoo name, a missing file).
+    without building the model (an unknown zoo name, a missing file). ``digest`` says what
+    the files behind a reference hold, for the stage keys.
     """
 
     def check(self, reference: str, args: dict[str, Any], ctx: SourceContext) -> None:
         """Raise ConfigError if ``reference``/``args`` cannot work; default: accept."""
+
+    def digest(self, reference: str, args: dict[str, Any], ctx: SourceContext) -> str | None:
+        """A fingerprint of the content ``reference`` loads (a weights file's bytes), run
+        after ``check`` in every validation and part of the stage keys: without it,
+        ``--reuse`` and ``--resume`` would hand back results of a file replaced since.
+
+        Default None: the reference and args alone say what loads (a zoo name). Keep it
+        cheap (hash files, load nothing); None also where the file is missing (``check``
+        reports that).
+        """
+        return None
 
     def load(self, reference: str, args: dict[str, Any], ctx: SourceContext) -> nn.Module:
         """Build the model."""

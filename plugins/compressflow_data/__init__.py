@@ -84,6 +84,12 @@ class Idx(Dataset):
         except ConfigError as error:
             raise ConfigError(f"{ctx.place}: {error.message}", error.hint) from None
 
+    def digest(self, params, ctx):
+        """A sha256 of the four idx files (:func:`compressflow_data.idx.idx_digest`)."""
+        from compressflow_data.idx import idx_digest
+
+        return idx_digest(params.root)
+
     def load(self, params, ctx):
         from compressflow_data.idx import idx_bundle
 

@@ -26,6 +26,7 @@ from pydantic import Field, PositiveInt, model_validator
 
 from compressflow import ConfigError, DataBundle, DataInfo, DataPath, Dataset, DatasetParams
 from compressflow.data import DataContext, file_digest
+from compressflow.fingerprint import files_digest, listing_digest
 
 if TYPE_CHECKING:
     import numpy as np
@@ -312,6 +313,10 @@ class Npz(Dataset):
                 require_file(path, ctx, key, expected)
                 npz_names(path, params, ctx, key)
 
+    def digest(self, params: NpzParams, ctx: DataContext) -> str | None:
+        """A sha256 of ``path``'s and ``test_path``'s bytes."""
+        return files_digest(p for p in (params.path, params.test_path) if p is not None)
+
     def load(self, params: NpzParams, ctx: DataContext) -> DataBundle:
         self.check(params, ctx)
         files = [params.path] + ([params.test_path] if params.test_path else [])
@@ -482,6 +487,10 @@ class Csv(Dataset):
             require_file(params.test_path, ctx, "test_path", expected)
             check_columns(params.test_path, params, ctx)
 
+    def digest(self, params: CsvParams, ctx: DataContext) -> str | None:
+        """A sha256 of ``path``'s and ``test_path``'s bytes."""
+        return files_digest(p for p in (params.path, params.test_path) if p is not None)
+
     def load(self, params: CsvParams, ctx: DataContext) -> DataBundle:
         import numpy as np
 
@@ -557,6 +566,21 @@ class ImageFolder(Dataset):
             if not class_folders(root):
                 raise ConfigError(f"{ctx.place}: data.args.{key}: {root} has no class subfolders",
                                   f"{key} is {expected} (root/cat/1.png, root/dog/2.png)")
+
+    def digest(self, params: ImageFolderParams, ctx: DataContext) -> str | None:
+        """The class folders' names and every image's relative path, size and ``mtime_ns``
+        (:func:`compressflow.fingerprint.listing_digest`), not the images' bytes: thousands
+        of images are too many to read at every validation. An image rewritten with its
+        size and modification time kept goes unseen (``touch`` it to be sure)."""
+        parts = []
+        for root in (params.root, params.test_root):
+            if root is not None and not root.is_dir():
+                return None
+            folders = class_folders(root) if root is not None else []
+            # the class names too: an empty class folder still counts as a class
+            parts += ["/".join(f.name for f in folders),
+                      listing_digest([p for f in folders for p in image_files(f)], root)]
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
     def load(self, params: ImageFolderParams, ctx: DataContext) -> DataBundle:
         import numpy as np
@@ -767,6 +791,11 @@ class Text(Dataset):
         if params.window is not None and ctx.task != "causal-lm":
             raise ConfigError(f"{ctx.place}: data.args.window is for task causal-lm, not '{ctx.task}'",
                               "remove window/stride: each line is then one sample")
+
+    def digest(self, params: TextParams, ctx: DataContext) -> str | None:
+        """A sha256 of every file's bytes, ``paths`` then ``eval_paths``; which list a file is
+        in the params say (moving one changes the data spec)."""
+        return files_digest([*params.paths, *params.eval_paths])
 
     def load(self, params: TextParams, ctx: DataContext) -> DataBundle:
         import torch

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from compressflow import ConfigError
+from compressflow.fingerprint import files_digest
 
 # dtype code -> numpy dtype (big-endian where it matters)
 IDX_DTYPES = {0x08: np.dtype("u1"), 0x09: np.dtype("i1"), 0x0B: np.dtype(">i2"),
@@ -108,6 +109,16 @@ def find_idx_files(root: str | Path) -> dict[str, Path]:
     where = (f"{folder}" if found else
              f"{root} (nor in {', '.join(str(root / layout) for layout in LAYOUTS[1:])})")
     raise ConfigError(f"MNIST folder {where} lacks {', '.join(missing)} (plain or .gz)", FETCH_HINT)
+
+
+def idx_digest(root: str | Path) -> str | None:
+    """A sha256 of the four files :func:`find_idx_files` picks (as stored: a ``.gz`` is hashed
+    compressed), for the stage keys; None where they are not all there (``check`` says so)."""
+    try:
+        files = find_idx_files(root)
+    except ConfigError:
+        return None
+    return files_digest(files[name] for name in MNIST_FILES)
 
 
 def load_idx_split(root: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -151,7 +151,7 @@ class _OrtQuantize(Stage):
         source.write_bytes(model.graph_bytes())
         what = self.quantize(model, source, target, ctx)
         source.unlink()
-        quantized = OnnxModel.from_file(target, tokenizer=model.tokenizer)
+        quantized = OnnxModel.from_file(target, tokenizer=model.tokenizer, unused=model.unused)
         return StageResult(quantized, artifacts={"onnx": quantized.save(ctx.workdir / "onnx")},
                            notes=[f"onnxruntime {what}: {target.stat().st_size:,} bytes"])
 

@@ -138,8 +138,10 @@ def export_and_check(model: nn.Module, data: DataBundle, path: Path, task, *, op
     :class:`~compressflow_export.runtime.OnnxModel`."""
     from compressflow_export.runtime import OnnxModel
 
-    export(model, data.example_input(2, task), path, opset, exporter)
-    onnx_model = OnnxModel.from_file(path, tokenizer=getattr(model, "tokenizer", None))
+    example = data.example_input(2, task)
+    export(model, example, path, opset, exporter)
+    onnx_model = OnnxModel.from_file(path, tokenizer=getattr(model, "tokenizer", None),
+                                     unused=list(example) if isinstance(example, Mapping) else [])
     model.eval()
     metrics: dict[str, float] = {
         "onnx_bytes": path.stat().st_size,

@@ -34,25 +34,28 @@ class OnnxModel(nn.Module):
         output_names: the graph's outputs; one output is returned as a tensor, several as a tuple.
         tokenizer: the tokenizer of the model it was exported from (None for tensor models),
             so that text datasets and the saved folder keep it.
+        unused: inputs the exported model took but the graph never reads (the exporter
+            drops them): accepted and ignored, where any other unknown input is an error.
     """
 
     def __init__(self, graph: bytes, input_names: list[str], output_names: list[str], *,
-                 tokenizer: Any = None) -> None:
+                 tokenizer: Any = None, unused: list[str] = ()) -> None:
         super().__init__()
         self.register_buffer("graph", torch.frombuffer(bytearray(graph), dtype=torch.uint8))
         self.input_names, self.output_names = list(input_names), list(output_names)
-        self.tokenizer = tokenizer
+        self.tokenizer, self.unused = tokenizer, list(unused)
         self._session: Any = None
         self._threads = 0
 
     @classmethod
-    def from_file(cls, path: Path, *, tokenizer: Any = None) -> OnnxModel:
+    def from_file(cls, path: Path, *, tokenizer: Any = None, unused: list[str] = ()) -> OnnxModel:
         """The graph in ``path`` (one file, weights inside)."""
         import onnx
 
         proto = onnx.load(str(path), load_external_data=False)
         names = [i.name for i in proto.graph.input]
-        return cls(path.read_bytes(), names, [o.name for o in proto.graph.output], tokenizer=tokenizer)
+        return cls(path.read_bytes(), names, [o.name for o in proto.graph.output],
+                   tokenizer=tokenizer, unused=[n for n in unused if n not in names])
 
     def graph_bytes(self) -> bytes:
         """The serialized ONNX graph."""
@@ -76,6 +79,7 @@ class OnnxModel(nn.Module):
         if len(args) > len(self.input_names):
             raise TypeError(f"the ONNX graph takes {len(self.input_names)} inputs, got {len(args)}")
         feed = dict(zip(self.input_names, args))
+        kwargs = {k: v for k, v in kwargs.items() if k not in self.unused}
         unknown = sorted(set(kwargs) - set(self.input_names))
         if unknown:
             raise TypeError(f"the ONNX graph has no input {', '.join(unknown)} "
@@ -89,6 +93,10 @@ class OnnxModel(nn.Module):
         state = self.__dict__.copy()
         state["_session"], state["_threads"] = None, 0  # a session neither pickles nor copies
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("unused", [])  # records pickled before inputs could go unused
+        super().__setstate__(state)
 
     # figures the engine asks any model for (compressflow.measure)
 

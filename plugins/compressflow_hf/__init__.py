@@ -31,6 +31,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from compressflow import ConfigError, ModelSource, SourceContext, hookimpl
+from compressflow.fingerprint import tree_digest
 from compressflow.plugins import TRUSTED_ONLY_ENV, trusted_only
 from compressflow_hf import folder as folders
 from compressflow_hf.export import HFExport
@@ -125,6 +126,15 @@ class HFSource(ModelSource):
                     max_length=settings.max_length or sentence.max_seq_length,
                     lower_case=sentence.do_lower_case, dtype=settings.dtype,
                     safetensors_only=safe_only)
+
+    def digest(self, reference: str, args: dict[str, Any], ctx: SourceContext) -> str | None:
+        """A sha256 of every file of the folder (:func:`compressflow.fingerprint.tree_digest`:
+        by sorted relative path, names included; hidden entries and ``__pycache__`` aside):
+        weights, config or tokenizer changed in place change the stage keys."""
+        try:
+            return tree_digest(folders.resolve(reference, ctx))
+        except ConfigError:  # no folder: check reports it
+            return None
 
     def load(self, reference: str, args: dict[str, Any], ctx: SourceContext):
         """The wrapped model (:class:`compressflow_hf.model.HFEncoder` or ``HFCausalLM``)."""

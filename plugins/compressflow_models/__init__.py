@@ -17,6 +17,7 @@ from typing import Annotated, Any
 from pydantic import Field, TypeAdapter, ValidationError
 
 from compressflow import ConfigError, ModelSource, SourceContext, hookimpl
+from compressflow.fingerprint import files_digest
 from compressflow.plugins import TRUSTED_ONLY_ENV, trusted_only
 
 _Width = Annotated[int, Field(strict=True, ge=1)]
@@ -130,6 +131,10 @@ class FileSource(ModelSource):
         if unknown:
             raise ConfigError(f"{ctx.place}: file: takes no arg {', '.join(sorted(unknown))}",
                               "file: takes `architecture: {source: ..., args: ...}` for a state dict")
+
+    def digest(self, reference: str, args: dict[str, Any], ctx: SourceContext) -> str | None:
+        """A sha256 of the file's bytes: weights replaced in place change the stage keys."""
+        return files_digest([self.path(reference, ctx)])
 
     def load(self, reference: str, args: dict[str, Any], ctx: SourceContext):
         from compressflow_models.sources import load_file

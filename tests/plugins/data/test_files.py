@@ -530,3 +530,60 @@ def test_embedding_pipeline_prunes_and_recovers_on_padded_lines(tmp_path, elsewh
     pruned, recovered = (runs[n].data.metrics["cosine_mean"] for n in ("0-prune", "1-finetune"))
     assert pruned < 0.999 and recovered > pruned, (pruned, recovered)
     assert runs["0-prune"].data.metrics["sparsity"] > 0.2  # the Linear head; embeddings stay dense
+
+
+# --- 4. digests: the files' content in the stage keys -------------------------------------
+
+
+def digest(dataset_name: str, args: dict, folder: Path, *, task: str = "classification") -> str | None:
+    """The dataset's digest after its check, as validation computes it."""
+    from compressflow.plugins import load_plugins
+
+    dataset = load_plugins().datasets.get(dataset_name)
+    params = dataset.Params.model_validate(args, context={"base_dir": folder})
+    ctx = DataContext(DataSpec(dataset=dataset_name), 0, folder, "p.yaml:4", task)
+    dataset.check(params, ctx)
+    return dataset.digest(params, ctx)
+
+
+def flip_last_byte(path: Path) -> None:
+    """Change the file's last character but one (size kept): an edit no name shows."""
+    data = bytearray(path.read_bytes())
+    data[-2] = ord("x") if data[-2] != ord("x") else ord("y")
+    path.write_bytes(bytes(data))
+
+
+def test_csv_npz_and_text_digests_follow_every_files_bytes(tmp_path):
+    write_csv(tmp_path / "a.csv", seed=0)
+    write_csv(tmp_path / "t.csv", seed=1)
+    write_npz(tmp_path / "a.npz", 30, seed=0)
+    write_lines(tmp_path / "train.txt", ["a b", "c d"])
+    write_lines(tmp_path / "eval.txt", ["e f"])
+    cases = [  # (dataset, args, task, the change: the test file, a re-saved array, an eval line)
+        ("csv", {"path": "a.csv", "test_path": "t.csv", "label": "animal"}, "classification",
+         lambda: flip_last_byte(tmp_path / "t.csv")),
+        ("npz", {"path": "a.npz", "x": "features", "y": "labels"}, "classification",
+         lambda: write_npz(tmp_path / "a.npz", 30, seed=1)),
+        ("text", {"paths": ["train.txt"], "eval_paths": ["eval.txt"]}, "embedding",
+         lambda: flip_last_byte(tmp_path / "eval.txt"))]
+    for name, args, task, change in cases:
+        before = digest(name, args, tmp_path, task=task)
+        assert before is not None and digest(name, args, tmp_path, task=task) == before
+        change()
+        assert digest(name, args, tmp_path, task=task) != before, name
+
+
+def test_image_folder_digest_follows_names_sizes_and_mtimes_not_bytes(tmp_path):
+    import os
+
+    root = write_images(tmp_path / "images", per_class=2)
+    args = {"root": "images"}
+    before = digest("image-folder", args, tmp_path)
+    assert digest("image-folder", args, tmp_path) == before
+    image = root / "top" / "0.png"
+    stat = image.stat()
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    touched = digest("image-folder", args, tmp_path)
+    assert touched != before
+    (root / "top" / "0.png").rename(root / "top" / "9.png")
+    assert digest("image-folder", args, tmp_path) != touched

@@ -306,3 +306,17 @@ def test_idx_dataset_runs_in_a_pipeline(tmp_path, store):
     ctx = PipelineRunner(validate(path), tracking_uri=store).run()
     assert 0.0 <= ctx.results["fit"].metrics["accuracy"] <= 1.0
     assert ctx.results["fit"].metrics["params_total"] == 431_080
+
+
+def test_the_idx_digest_follows_the_four_files_bytes(tmp_path):
+    from compressflow_data.idx import idx_digest
+
+    files = write_mnist(tmp_path / "mnist", fake_mnist(np.random.default_rng(0)))
+    before = idx_digest(tmp_path / "mnist")
+    assert before is not None and idx_digest(tmp_path / "mnist") == before
+    data = bytearray(files[MNIST_FILES[3]].read_bytes())
+    data[-1] = (data[-1] + 1) % 10  # one test label, size kept
+    files[MNIST_FILES[3]].write_bytes(bytes(data))
+    assert idx_digest(tmp_path / "mnist") != before
+    files[MNIST_FILES[0]].unlink()
+    assert idx_digest(tmp_path / "mnist") is None  # missing: check names it, not the digest

@@ -43,6 +43,9 @@ def test_the_graph_runs_copies_and_pickles_like_the_module(graph):
             assert torch.equal(twin(inputs), onnx_model(inputs))
     with pytest.raises(TypeError, match="no input tokens"):
         onnx_model(tokens=inputs)
+    onnx_model.unused = ["tokens"]  # an input the exporter dropped as unread is ignored
+    with torch.inference_mode():
+        assert torch.allclose(onnx_model(inputs, tokens=inputs), expected, atol=1e-5)
 
 
 def test_the_engine_counts_the_graphs_bytes_weights_zeros_and_macs(graph):

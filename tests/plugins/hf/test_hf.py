@@ -298,3 +298,25 @@ def test_pkg_names_a_folder_inside_an_installed_package_without_importing_it(hf_
         source.plan("pkg:weights_pkg", {}, context(tmp_path))
     with pytest.raises(ConfigError, match="has no folder 'nowhere'"):
         source.plan("pkg:weights_pkg/nowhere", {}, context(tmp_path))
+
+
+# --- the folder's content in the stage keys ----------------------------------------------
+
+
+def test_the_input_key_follows_the_folders_weights(bert, tmp_path):
+    from compressflow.engine import validate
+    from compressflow_hf import HFSource
+
+    path = write_pipeline(tmp_path, [{"quantize": {"method": "dynamic-int8"}}], model={"source": "hf:bert"},
+                          data=text_files(tmp_path), task="embedding", **QUIET)
+    before, digest = validate(path).input_key, HFSource().digest("bert", {}, context(tmp_path))
+    assert validate(path).input_key == before  # nothing changed, nothing differs
+    (bert / ".git").mkdir()
+    (bert / ".git" / "HEAD").write_text("ref: refs/heads/main\n")  # no loader reads it
+    assert HFSource().digest("bert", {}, context(tmp_path)) == digest
+    weights = bert / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of the last weight: same name, same size
+    weights.write_bytes(bytes(data))
+    assert validate(path).input_key != before
+    assert HFSource().digest("missing", {}, context(tmp_path)) is None  # check reports it
