@@ -147,4 +147,7 @@ def make_session(graph: bytes | str, threads: int) -> Any:
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    # onnxruntime's pool threads spin after each run by default, taking the cores from
+    # whatever runs next: in a paired timing, the model it is compared with
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
