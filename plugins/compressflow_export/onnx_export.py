@@ -28,7 +28,6 @@ import warnings
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -111,13 +110,6 @@ def export(model: nn.Module, example: Any, path: Path, opset: int | None = None,
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
     return path, names
-
-
-def session(path: Path, threads: int):
-    """An onnxruntime CPU session with ``threads`` intra-op threads."""
-    from compressflow_export.runtime import make_session
-
-    return make_session(str(path), threads)
 
 
 def max_abs_diff(model: nn.Module, onnx_model: nn.Module, loader, task) -> float:
