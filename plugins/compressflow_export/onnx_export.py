@@ -23,7 +23,6 @@ onnxruntime ms (above 1: onnxruntime is faster).
 from __future__ import annotations
 
 import inspect
-import logging
 import warnings
 from pathlib import Path
 from typing import Any, Literal, Mapping
@@ -33,6 +32,7 @@ from torch import nn
 
 from compressflow import DataBundle, StageFailed
 from compressflow.timing import Timings, time_models
+from compressflow_export.ort_quantize import quiet
 
 Exporter = Literal["auto", "dynamo", "torchscript"]
 
@@ -87,28 +87,21 @@ def export(model: nn.Module, example: Any, path: Path, opset: int | None = None,
         exporter = "torchscript" if tokens else "dynamo"
     ordered = {name: example[name] for name in names} if tokens else {"input": example}
     axes = _dynamic_axes(example, names)
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "onnxscript")]
-    levels = [lg.level for lg in loggers]
-    try:
-        for lg in loggers:
-            lg.setLevel(logging.ERROR)  # "torchvision is not installed" and similar notices
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            if exporter == "dynamo":
-                dims = {k: {a: torch.export.Dim(n) for a, n in v.items()} for k, v in axes.items()}
-                torch.onnx.export(
-                    tracer, () if tokens else (example,), str(path), kwargs=ordered if tokens else None,
-                    dynamo=True, external_data=False, verbose=False, input_names=names,
-                    output_names=["output"], opset_version=opset,
-                    dynamic_shapes=dims if tokens else (dims["input"],))
-            else:
-                torch.onnx.export(
-                    tracer, tuple(ordered.values()), str(path), dynamo=False, input_names=names,
-                    output_names=["output"], dynamic_axes={**axes, "output": {0: "batch"}},
-                    opset_version=opset or 17)
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
+    # "torchvision is not installed" and similar notices
+    with quiet("torch.onnx", "torch.export", "onnxscript"), warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        if exporter == "dynamo":
+            dims = {k: {a: torch.export.Dim(n) for a, n in v.items()} for k, v in axes.items()}
+            torch.onnx.export(
+                tracer, () if tokens else (example,), str(path), kwargs=ordered if tokens else None,
+                dynamo=True, external_data=False, verbose=False, input_names=names,
+                output_names=["output"], opset_version=opset,
+                dynamic_shapes=dims if tokens else (dims["input"],))
+        else:
+            torch.onnx.export(
+                tracer, tuple(ordered.values()), str(path), dynamo=False, input_names=names,
+                output_names=["output"], dynamic_axes={**axes, "output": {0: "batch"}},
+                opset_version=opset or 17)
     return path, names
 
 

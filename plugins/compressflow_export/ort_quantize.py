@@ -21,16 +21,19 @@ from compressflow import StageFailed
 
 
 @contextlib.contextmanager
-def quiet() -> Iterator[None]:
-    """onnxruntime.quantization logs its advice ("consider pre-processing") on the root
-    logger at WARNING: one line a stage is what the CLI prints."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
+def quiet(*names: str) -> Iterator[None]:
+    """The loggers ``names`` (none: the root logger) at ERROR, restored afterwards: the
+    exporters' notices and onnxruntime.quantization's advice ("consider pre-processing",
+    on the root logger) are not for the user; one line a stage is what the CLI prints."""
+    loggers = [logging.getLogger(name) for name in names or ("",)]
+    levels = [logger.level for logger in loggers]
     try:
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
         yield
     finally:
-        root.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def extra_options() -> dict[str, Any]:
