@@ -107,8 +107,30 @@ class Measurer:
 
         figures = static_figures(model, self.example(1, self.lengths[0]), self.task)
         if self.spec.latency:
-            figures.update(self.latency(model, input_model or copy.deepcopy(model)))
+            reference = input_model or copy.deepcopy(model)
+            figures.update(self.latency(model, reference))
+            figures.update(self.phase_latency(model, reference))
         return figures
+
+    def phase_latency(self, model: nn.Module, input_model: nn.Module) -> dict[str, float]:
+        """``latency_ms_per_token_<phase>`` (median, and ``_iqr``) and ``<phase>_speedup``
+        (with ``_q1``/``_q3``) of each of the task's :meth:`~compressflow.task.Task.phases`
+        that both models have, at batch 1 and the first timed length."""
+        from compressflow.timing import time_interleaved
+
+        inputs = self.example(1, self.lengths[0])
+        ours, theirs = self.task.phases(model, inputs), self.task.phases(input_model, inputs)
+        out: dict[str, float] = {}
+        for phase in (p for p in ours if p in theirs):
+            (call, tokens), (base, _) = ours[phase], theirs[phase]
+            timings = time_interleaved({"input": base, "stage": call}, rounds=self.spec.repeats,
+                                       warmup=self.spec.warmup, threads=self.spec.threads)
+            spread, ratio = timings.spread("stage"), timings.speedup("input", "stage")
+            name = f"latency_ms_per_token_{phase}"
+            out.update({name: spread.median / tokens, f"{name}_iqr": spread.iqr / tokens,
+                        f"{phase}_speedup": ratio.median, f"{phase}_speedup_q1": ratio.q1,
+                        f"{phase}_speedup_q3": ratio.q3})
+        return out
 
     def latency(self, model: nn.Module, input_model: nn.Module) -> dict[str, float]:
         """``latency_ms_b<N>[_t<L>]`` (median), ``..._iqr``, and against the input model

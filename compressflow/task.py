@@ -264,6 +264,15 @@ class Task:
                 lengths += [int(n) for n in mask.sum(dim=1)]
         return lengths
 
+    def phases(self, model: Callable, inputs: Inputs) -> dict[str, tuple[Callable[[], Any], int]]:
+        """Timed phases besides the whole forward pass: ``{name: (call, tokens)}``, each call
+        timed interleaved with the input model's and reported per token
+        (``latency_ms_per_token_<name>``, ``<name>_speedup``). None by default; causal-lm
+        has ``prefill`` and ``decode`` where the model can keep a key/value cache. ``inputs``:
+        one example batch (batch 1) at the first timed length; preparing a call (a prefill
+        before the decode step it times) happens here, untimed."""
+        return {}
+
     def describe(self) -> str:
         """One line for listings: the task's metrics and which way is better."""
         return ", ".join(f"{n} ({'higher' if m.higher_is_better else 'lower'} is better)"

@@ -69,6 +69,8 @@ class IdxParams(DatasetParams):
     holdout: int = Field(0, ge=0, description="training images held out (stratified) for tuning")
     train_samples: int | None = Field(None, ge=1, description="use only the first N training images")
     test_samples: int | None = Field(None, ge=1, description="evaluate on the first N test images only")
+    shift: int = Field(0, ge=0, le=8, description="augment the training images: move each by up "
+                       "to N pixels either way at random, every epoch anew (0: as stored)")
 
 
 class Idx(Dataset):

@@ -682,6 +682,9 @@ class TextParams(DatasetParams):
         None, ge=2, description="causal-lm: windows of this many tokens over all the split's tokens")
     stride: PositiveInt | None = Field(
         None, description="causal-lm: a window starts every stride tokens (default: window)")
+    eval_tokens: PositiveInt | None = Field(
+        None, description="causal-lm: score the first N tokens of the eval files only "
+        "(default: all of them)")
     encoding: str = Field("utf-8", description="the files' text encoding")
 
     @model_validator(mode="after")
@@ -693,6 +696,8 @@ class TextParams(DatasetParams):
             if self.stride > self.window:
                 raise ValueError(f"stride {self.stride} is longer than window {self.window}: "
                                  "tokens between windows would be skipped")
+        elif self.eval_tokens is not None:
+            raise ValueError("eval_tokens needs window: set window (tokens per window) too")
         return self
 
 
@@ -816,8 +821,8 @@ class Text(Dataset):
         if params.window is not None:
             train = Windows(*stream_windows(token_stream(tokenizer, train_lines),
                                             params.window, params.stride))
-            val = Windows(*stream_windows(token_stream(tokenizer, eval_lines),
-                                          params.window, params.stride))
+            scored = token_stream(tokenizer, eval_lines)[: params.eval_tokens]
+            val = Windows(*stream_windows(scored, params.window, params.stride))
             kept = keep_fraction(len(train), ctx)
             if len(kept) < len(train):
                 train = Windows(train.input_ids[torch.as_tensor(kept)], train.labels[torch.as_tensor(kept)])

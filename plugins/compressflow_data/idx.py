@@ -155,7 +155,8 @@ def idx_bundle(spec, params, seed: int, input_shape):
     ``test_samples`` where set); ``val_fraction`` does not apply. ``calibration``:
     ``calibration_batches`` batches of training images drawn with the seed. Samples are
     flat (rows*cols) or images (1, rows, cols), as ``data.shape`` or the model's
-    ``input_shape`` says.
+    ``input_shape`` says. ``params.shift``: training batches move each image by up to that
+    many pixels (:class:`compressflow_data.augment.RandomShift`), the border blank.
     """
     import torch
     from torch.utils.data import DataLoader, Subset, TensorDataset
@@ -199,8 +200,15 @@ def idx_bundle(spec, params, seed: int, input_shape):
     calibration_size = min(len(train), spec.calibration_batches * spec.batch_size)
     calibration_rows = torch.randperm(len(train), generator=generator)[:calibration_size]
     paths = [files[name] for name in sorted(files)]
+    augment = None
+    if params.shift:
+        from compressflow_data.augment import RandomShift
+
+        # a blank pixel (0) after standardization, so a moved digit keeps a clean background
+        augment = RandomShift(params.shift, (0.0 - mean) / std, (1, rows, cols), generator)
     return DataBundle(
-        train=DataLoader(train, batch_size=spec.batch_size, shuffle=True, generator=generator),
+        train=DataLoader(train, batch_size=spec.batch_size, shuffle=True, generator=generator,
+                         collate_fn=augment),
         val=DataLoader(val, batch_size=1000),
         calibration=DataLoader(Subset(train, calibration_rows.tolist()), batch_size=spec.batch_size),
         num_classes=int(max(y_train.max(), y_test.max())) + 1,

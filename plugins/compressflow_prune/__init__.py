@@ -15,6 +15,15 @@ weights (their *importance*); least-squares also updates the weights it keeps:
   (1% of mean diag) Cholesky inverse. Logs each layer's relative reconstruction error
   ||W X - W' X||^2 / ||W X||^2 next to what magnitude pruning does to the same layer.
 
+- ``wanda``: |w| * ||x|| (Sun et al. 2024), the weight times the norm of its input over the
+  calibration data, compared within each output row, no update; on the same block-by-block
+  (or layer-by-layer) calibration inputs as least-squares, and ``scope: global`` shares the
+  sparsity among layers the same way.
+
+Transformers (layers inside one ``nn.ModuleList`` of blocks, e.g. decoder layers) are
+calibrated block by block on each block's true inputs, as SparseGPT and llm-compressor do
+(:mod:`compressflow.calibration`): about two forward passes in all.
+
 Patterns: ``unstructured``, or ``N:M`` (``pattern: 2:4``): exactly N nonzeros in every M
 consecutive weights of a row (a row: one output's weights, ``weight.flatten(1)``; the sparsity
 is then 1 - N/M and ``scope`` does not apply). ``scope: layer`` prunes ``sparsity`` of each
@@ -44,7 +53,7 @@ shuffled with the stage's seed (the calibration loader is itself a random subset
 
 Unquoted, ``pattern: 2:4`` is read by YAML 1.1 as the base-60 number 124; it is read back as
 2:4. Every run writes ``prune_layers.md``: layer, shape, reached sparsity (least-squares adds
-its relative reconstruction error, magnitude's on the same inputs and at the same sparsity,
+its relative reconstruction error (wanda too), magnitude's on the same inputs and at the same sparsity,
 and their ratio). Stage metrics: ``target_sparsity``, ``calibration_samples``, and for
 least-squares ``reconstruction_error`` / ``reconstruction_error_magnitude`` (layer means).
 
@@ -259,8 +268,21 @@ class LeastSquaresPrune(PruneStage):
                                    feed=self.task.feed)
 
 
+class WandaPrune(LeastSquaresPrune):
+    """Wanda: prune on |w| * ||x|| within each output row, no weight update."""
+
+    method = "wanda"
+
+    def prune_layers(self, model, layers, plan, batches):
+        from compressflow_prune.obs import least_squares_prune, wanda
+
+        return least_squares_prune(model, layers, plan, batches,
+                                   global_scores=self.importance if plan.pool else None,
+                                   feed=self.task.feed, solve=wanda)
+
+
 @hookimpl
 def register_stages(registry) -> None:
-    """prune/magnitude (default), prune/taylor, prune/obd, prune/least-squares."""
-    for stage in (MagnitudePrune, TaylorPrune, OBDPrune, LeastSquaresPrune):
+    """prune/magnitude (default), prune/taylor, prune/obd, prune/least-squares, prune/wanda."""
+    for stage in (MagnitudePrune, TaylorPrune, OBDPrune, LeastSquaresPrune, WandaPrune):
         registry.add(stage)

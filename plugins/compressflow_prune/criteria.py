@@ -9,7 +9,6 @@ its ``.grad`` fields are left as they were.
 
 from __future__ import annotations
 
-from itertools import islice
 from typing import Iterable
 
 import torch
@@ -19,20 +18,6 @@ from compressflow.task import Task, batch_len, call_args, default_task, map_inpu
 
 Batches = list[tuple]
 """``(inputs, targets)`` pairs, split by the task: inputs a tensor, tuple or dict of tensors."""
-
-
-def calibration_batches(data, count: int, seed: int, task: Task | None = None) -> Batches:
-    """``count`` batches as ``(inputs, targets)``: from the data's calibration loader when it
-    holds that many, else from the training split shuffled with ``seed`` (at most one pass)."""
-    from torch.utils.data import DataLoader
-
-    task = task or Task()
-    if len(data.calibration) >= count:
-        return [task.split(b) for b in islice(data.calibration, count)]
-    train = data.train
-    loader = DataLoader(train.dataset, batch_size=train.batch_size, shuffle=True,
-                        collate_fn=train.collate_fn, generator=torch.Generator().manual_seed(seed))
-    return [task.split(b) for b in islice(loader, count)]
 
 
 def magnitude_scores(layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:

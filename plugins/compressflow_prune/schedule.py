@@ -11,7 +11,7 @@ import torch
 from compressflow import StageResult
 from compressflow.task import batch_len
 from compressflow.training import fit
-from compressflow_prune.criteria import calibration_batches
+from compressflow.calibration import calibration_batches
 from compressflow_prune.masks import Plan, layer_table, make_plan, prunable_layers
 
 if TYPE_CHECKING:

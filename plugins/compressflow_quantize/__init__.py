@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from compressflow import Stage, StageParams, StageResult, hookimpl
 from compressflow.training import TrainParams
@@ -67,6 +67,9 @@ class FakeQuant(Stage):
             "symmetric", description="symmetric: zero point fixed at 0; asymmetric: min..max mapped")
         granularity: Literal["per-channel", "per-tensor"] = Field(
             "per-channel", description="one scale per output channel, or one per tensor")
+        group_size: int | None = Field(
+            None, ge=1, description="per-channel only: one scale per this many consecutive weights "
+            "of a channel (W4A16's groups: 64, 128); round-to-nearest, the baseline of GPTQ")
         scale: Literal["minmax", "mse"] = Field(
             "minmax", description="minmax: the whole range; mse: the clipping of least squared error")
         mse_grid: int = Field(100, ge=2, le=10000, description="clipping factors tried by mse")
@@ -82,7 +85,13 @@ class FakeQuant(Stage):
             bits = next((b for p, b in self.layer_bits.items() if fnmatch(layer, p)), self.bits)
             return QuantSpec(bits=bits, symmetric=self.scheme == "symmetric",
                              per_channel=self.granularity == "per-channel", scale=self.scale,
-                             grid=self.mse_grid)
+                             grid=self.mse_grid, group_size=self.group_size)
+
+        @model_validator(mode="after")
+        def _groups_need_channels(self):
+            if self.group_size is not None and self.granularity != "per-channel":
+                raise ValueError("group_size splits each channel: it needs granularity: per-channel")
+            return self
 
     def run(self, model, ctx):
         from compressflow_quantize import fakequant
@@ -98,11 +107,61 @@ class FakeQuant(Stage):
                    "weight_mse": sum(r.mse for r in reports) / len(reports),
                    "weight_bytes_ratio": float_bytes / packed}
         bits = sorted({r.bits for r in reports})
+        where = f"groups of {p.group_size}" if p.group_size else p.granularity
         notes = [f"{len(reports)} layers hold {'/'.join(map(str, bits))}-bit packed integer weights "
-                 f"({p.scheme}, {p.granularity}, scale by {p.scale}); they are dequantized to "
+                 f"({p.scheme}, {where}, scale by {p.scale}); they are dequantized to "
                  "fp32 for every forward: smaller on disk, not faster"]
         return StageResult(model, metrics=metrics, artifacts={"fake_quant_layers": table},
                            notes=notes)
+
+
+class GPTQ(Stage):
+    """GPTQ: N-bit group-wise weights that keep each layer's output on calibration data."""
+
+    kind = "quantize"
+    method = "gptq"
+
+    class Params(StageParams):
+        bits: Bits = Field(4, description="bits per weight (2..8); W4A16 is 4")
+        group_size: int | None = Field(
+            128, ge=1, description="one scale per this many consecutive weights of a row; must "
+            "divide every row (SmolLM2's 576 columns: 64); null: one per row")
+        scheme: Literal["symmetric", "asymmetric"] = Field(
+            "symmetric", description="symmetric: zero point fixed; asymmetric: min..max mapped")
+        act_order: bool = Field(
+            True, description="quantize columns by decreasing H_jj (static groups: the stored "
+            "layout is unchanged)")
+        keep_zeros: bool = Field(True, description="weights already zero (pruned) stay zero")
+        block_size: int = Field(128, ge=1, description="columns updated together (lazy batch)")
+        damp: float = Field(0.01, gt=0, le=1, description="of mean(diag H), added before inverting")
+        include: list[str] = Field(default_factory=lambda: ["*"], description="layer-name patterns (fnmatch)")
+        exclude: list[str] = Field(default_factory=list, description="layer-name patterns kept fp32 "
+                                   "(an LLM's lm_head, as llm-compressor leaves it)")
+        calibration_batches: int = Field(16, ge=1, description="batches of calibration inputs")
+
+    def run(self, model, ctx):
+        from compressflow.calibration import calibration_batches
+        from compressflow_quantize import fakequant, gptq
+
+        p = self.params
+        layers = fakequant.quantizable_layers(model, p.include, p.exclude)
+        spec = fakequant.QuantSpec(bits=p.bits, symmetric=p.scheme == "symmetric",
+                                   per_channel=True, group_size=p.group_size)
+        batches = calibration_batches(ctx.data, p.calibration_batches, ctx.seed, ctx.task)
+        records = gptq.gptq_quantize(model, layers, lambda name: spec, batches, ctx.task.feed,
+                                     act_order=p.act_order, keep_zeros=p.keep_zeros,
+                                     block_size=p.block_size, damp=p.damp)
+        table = ctx.workdir / "gptq_layers.md"
+        table.write_text(gptq.layer_table(records))
+        errors = [r["output_error"] for r in records]
+        baseline = [r["rtn_error"] for r in records]
+        metrics = {"quantized_layers": len(records), "output_error": sum(errors) / len(errors),
+                   "output_error_rtn": sum(baseline) / len(baseline)}
+        where = f"groups of {p.group_size}" if p.group_size else "per row"
+        notes = [f"GPTQ: {len(records)} layers hold {p.bits}-bit weights ({p.scheme}, {where}"
+                 f"{', act-order' if p.act_order else ''}); they are dequantized for every forward: "
+                 "smaller on disk, not faster"]
+        return StageResult(model, metrics=metrics, artifacts={"gptq_layers": table}, notes=notes)
 
 
 class StaticInt8(Stage):
@@ -189,7 +248,8 @@ def register_stages(registry) -> None:
     """quantize/dynamic-int8."""
     registry.add(DynamicInt8)
     registry.add(KMeansQuantize)  # quantize/kmeans: Deep Compression weight sharing
-    registry.add(FakeQuant)  # quantize/fake-quant: packed N-bit integer weights
+    registry.add(FakeQuant)  # quantize/fake-quant: packed N-bit integer weights (RTN)
+    registry.add(GPTQ)  # quantize/gptq: N-bit weights reconstructing each layer's output
     registry.add(StaticInt8)  # quantize/static-int8: torch.ao FX, calibrated
     registry.add(QAT)  # quantize/qat: fake quantization trained, then int8
     registry.add(AutoQuantize)  # quantize/auto: fastest measured int8 within the drop

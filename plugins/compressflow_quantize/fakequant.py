@@ -42,6 +42,7 @@ class QuantSpec:
     per_channel: bool = True
     scale: str = "minmax"  # or "mse"
     grid: int = 100
+    group_size: int | None = None  # per channel: one scale per `group_size` consecutive weights
 
     def __post_init__(self) -> None:
         if not 1 <= self.bits <= 8:
@@ -50,6 +51,8 @@ class QuantSpec:
             raise ValueError("symmetric quantization needs at least 2 bits")
         if self.scale not in ("minmax", "mse"):
             raise ValueError(f"scale must be minmax or mse, got {self.scale}")
+        if self.group_size is not None and (self.group_size < 1 or not self.per_channel):
+            raise ValueError("group_size needs per-channel scales and a size of 1 or more")
 
 
 def code_range(bits: int, symmetric: bool) -> tuple[int, int]:
@@ -57,10 +60,21 @@ def code_range(bits: int, symmetric: bool) -> tuple[int, int]:
     return (1 if symmetric else 0), 2**bits - 1
 
 
-def _rows(weight: torch.Tensor, per_channel: bool) -> torch.Tensor:
-    """The weight as [channels, elements] (one row when per tensor), in float64."""
+def _rows(weight: torch.Tensor, per_channel: bool, group_size: int | None = None) -> torch.Tensor:
+    """The weight as [channels, elements] (one row when per tensor; one row a group of
+    ``group_size`` consecutive weights of a channel with groups), in float64."""
     w = weight.detach().double()
+    if group_size:
+        return w.reshape(-1, group_size)
     return w.reshape(w.shape[0], -1) if per_channel else w.reshape(1, -1)
+
+
+def groups_fit(weight_shape: tuple[int, ...], group_size: int | None) -> bool:
+    """Whether a channel's weights split into whole groups (always, without groups)."""
+    row = 1
+    for size in weight_shape[1:]:
+        row *= size
+    return not group_size or row % group_size == 0
 
 
 def qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int,
@@ -109,7 +123,7 @@ class Quantized:
 
 def quantize_weight(weight: torch.Tensor, spec: QuantSpec) -> Quantized:
     """Quantize ``weight`` by ``spec``: min-max, or the clipping of least squared error."""
-    rows = _rows(weight, spec.per_channel)
+    rows = _rows(weight, spec.per_channel, spec.group_size)
     lo = rows.min(dim=1).values.clamp(max=0)
     hi = rows.max(dim=1).values.clamp(min=0)
     alphas = [1.0]
@@ -178,18 +192,22 @@ class _IntegerWeights:
 
 
 class _QuantWeight(nn.Module):
-    """Packed integer weight, scale and zero point per tensor or output channel, fp32 bias."""
+    """Packed integer weight, scale and zero point per tensor, output channel or group of a
+    channel's consecutive weights, fp32 bias."""
 
     def __init__(self, weight_shape: tuple[int, ...], bias: bool, bits: int, symmetric: bool,
-                 per_channel: bool) -> None:
+                 per_channel: bool, group_size: int | None = None) -> None:
         super().__init__()
-        QuantSpec(bits=bits, symmetric=symmetric, per_channel=per_channel)  # validates
+        QuantSpec(bits=bits, symmetric=symmetric, per_channel=per_channel, group_size=group_size)
         self.weight_shape = tuple(int(s) for s in weight_shape)
+        if not groups_fit(self.weight_shape, group_size):
+            raise ValueError(f"group_size {group_size} does not divide the {self.numel // self.weight_shape[0]} "
+                             f"weights of a channel of a {self.weight_shape} weight")
         self.bits, self.symmetric, self.per_channel = bits, symmetric, per_channel
-        count = 1
-        for size in self.weight_shape:
-            count *= size
-        channels = self.weight_shape[0] if per_channel else 1
+        self.group_size = group_size
+        count = self.numel
+        channels = (count // group_size if group_size else
+                    self.weight_shape[0] if per_channel else 1)
         self.register_buffer("qweight", torch.zeros(packed_length(count, bits), dtype=torch.uint8))
         self.register_buffer("scale", torch.ones(channels, dtype=torch.float32))
         self.register_buffer("zero_point", torch.zeros(channels, dtype=torch.uint8))
@@ -214,6 +232,14 @@ class _QuantWeight(nn.Module):
             self.zero_point.copy_(done.zero_point.to(torch.uint8))
         return done
 
+    def set_codes(self, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        """Store codes computed elsewhere (GPTQ's): unsigned ``codes`` of the weight's shape
+        (or [channels, elements]), one ``scale`` and ``zero_point`` per channel or group."""
+        with torch.no_grad():
+            self.qweight.copy_(pack(codes.reshape(-1).to(torch.uint8), self.bits))
+            self.scale.copy_(scale.reshape(-1).float())
+            self.zero_point.copy_(zero_point.reshape(-1).to(torch.uint8))
+
     def codes(self) -> torch.Tensor:
         """The unsigned codes as [rows, elements] (uint8)."""
         rows = self.scale.numel()
@@ -237,6 +263,8 @@ class _QuantWeight(nn.Module):
     def _config(self) -> str:
         kind = "sym" if self.symmetric else "asym"
         where = "per-channel" if self.per_channel else "per-tensor"
+        if getattr(self, "group_size", None):
+            where = f"group {self.group_size}"
         return f"bits={self.bits}, {kind}, {where}"
 
 
@@ -244,15 +272,16 @@ class QuantLinear(_QuantWeight):
     """A Linear layer whose weight is stored as packed integers and dequantized to compute."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, bits: int = 8,
-                 symmetric: bool = True, per_channel: bool = True) -> None:
-        super().__init__((out_features, in_features), bias, bits, symmetric, per_channel)
+                 symmetric: bool = True, per_channel: bool = True, group_size: int | None = None) -> None:
+        super().__init__((out_features, in_features), bias, bits, symmetric, per_channel, group_size)
         self.in_features, self.out_features = in_features, out_features
 
     @classmethod
     def from_float(cls, linear: nn.Linear, spec: QuantSpec) -> tuple[QuantLinear, Quantized]:
         """The quantized copy of ``linear`` and how its weight was quantized."""
         module = cls(linear.in_features, linear.out_features, linear.bias is not None,
-                     bits=spec.bits, symmetric=spec.symmetric, per_channel=spec.per_channel)
+                     bits=spec.bits, symmetric=spec.symmetric, per_channel=spec.per_channel,
+                     group_size=spec.group_size)
         done = module.set_weight(linear.weight, spec)
         if linear.bias is not None:
             with torch.no_grad():
@@ -275,10 +304,10 @@ class QuantConv(_QuantWeight):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, ...],
                  stride: tuple[int, ...], padding, dilation: tuple[int, ...], groups: int = 1,
                  bias: bool = True, *, bits: int = 8, symmetric: bool = True,
-                 per_channel: bool = True) -> None:
+                 per_channel: bool = True, group_size: int | None = None) -> None:
         kernel_size = tuple(kernel_size)
         super().__init__((out_channels, in_channels // groups, *kernel_size), bias, bits,
-                         symmetric, per_channel)
+                         symmetric, per_channel, group_size)
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.kernel_size, self.stride, self.dilation = kernel_size, tuple(stride), tuple(dilation)
         self.padding = padding if isinstance(padding, str) else tuple(padding)
@@ -291,7 +320,8 @@ class QuantConv(_QuantWeight):
             raise ValueError("only plain convolutions with zero padding are supported")
         module = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
                      conv.padding, conv.dilation, conv.groups, conv.bias is not None,
-                     bits=spec.bits, symmetric=spec.symmetric, per_channel=spec.per_channel)
+                     bits=spec.bits, symmetric=spec.symmetric, per_channel=spec.per_channel,
+                     group_size=spec.group_size)
         done = module.set_weight(conv.weight, spec)
         if conv.bias is not None:
             with torch.no_grad():
@@ -324,6 +354,17 @@ def quantizable_layers(model: nn.Module, include: list[str], exclude: list[str])
     return chosen
 
 
+def check_groups(name: str, layer: nn.Module, group_size: int | None) -> None:
+    """A ConfigError naming ``layer`` unless its channels split into whole groups."""
+    if not groups_fit(tuple(layer.weight.shape), group_size):
+        row = layer.weight[0].numel()
+        fits = [g for g in (32, 64, 96, 128, 192, 256) if row % g == 0]
+        raise ConfigError(
+            f"quantize: group_size {group_size} does not divide the {row} weights of a channel "
+            f"of {name}", f"take a group size that divides {row} ({', '.join(map(str, fits)) or 'none of 32..256'}), "
+            "or exclude the layer")
+
+
 @dataclass
 class LayerReport:
     """One quantized layer, for the stage's table."""
@@ -343,6 +384,7 @@ def fake_quantize(model: nn.Module, layers: dict[str, nn.Module],
     reports = []
     for name, layer in layers.items():
         spec: QuantSpec = spec_for(name)
+        check_groups(name, layer, spec.group_size)
         if isinstance(layer, nn.Linear):
             quantized, done = QuantLinear.from_float(layer, spec)
         else:

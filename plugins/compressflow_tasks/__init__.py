@@ -156,6 +156,21 @@ class CausalLM(Task):
     def score(self, outputs, targets, reference):
         return {"perplexity": self.token_nll(outputs, targets)}
 
+    def phases(self, model, inputs):
+        """``prefill``: the prompt's forward pass, per prompt token; ``decode``: one next-token
+        step on the prompt's key/value cache, which is cut back after every step so that
+        each timed step is the same. Only for a model with ``prefill(inputs) -> state`` and
+        ``decode(state)`` (``hf:`` causal LMs); a model without (an ONNX graph) has none."""
+        if not (callable(getattr(model, "prefill", None)) and callable(getattr(model, "decode", None))):
+            return {}
+        import torch
+
+        tokens = int(inputs["input_ids"].shape[1])
+        with torch.inference_mode():
+            state = model.prefill(inputs)
+        return {"prefill": (lambda: self.feed(model, inputs), tokens),
+                "decode": (lambda: model.decode(state), 1)}
+
 
 def accuracy(model, loader) -> float:
     """Classification accuracy of ``model`` over ``loader``, for scripts and benchmarks."""

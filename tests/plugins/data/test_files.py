@@ -461,6 +461,11 @@ def test_causal_lm_windows_and_labels_exactly(tmp_path):
     inputs, labels = task.split(batch)
     assert set(inputs) == {"input_ids", "attention_mask"} and labels is batch["labels"]
     assert len(task.token_nll(task.predict(model, inputs), labels)) == 5  # 3 + 2 new tokens
+    first = load("text", {"paths": ["train.txt"], "eval_paths": ["eval.txt"], "window": 4,
+                          "stride": 3, "eval_tokens": 5}, tmp_path, task="causal-lm", model=model)
+    assert first.val.dataset.input_ids.tolist() == [[h, i, j, eos], [i, j, eos, a]]  # 5 tokens
+    assert first.val.dataset.labels.tolist() == [[h, i, j, eos], [-100, -100, -100, a]]
+    assert first.train.dataset.input_ids.tolist() == windows.input_ids.tolist()  # train as before
 
 
 def test_stride_equal_to_window_and_a_short_stream():
@@ -484,6 +489,8 @@ def test_text_without_a_tokenizer_or_with_bad_windows_is_a_config_error(tmp_path
         load("text", {**args, "window": 8}, tmp_path, task="embedding", model=tiny_lm(WORDS))
     with pytest.raises(Exception, match="stride"):
         files.Text.Params.model_validate({**args, "window": 4, "stride": 5})
+    with pytest.raises(Exception, match="eval_tokens needs window"):
+        files.Text.Params.model_validate({**args, "eval_tokens": 100})
     with pytest.raises(Exception, match="eval_paths"):
         files.Text.Params.model_validate({"paths": ["t.txt"]})
     with pytest.raises(ConfigError, match="missing.txt"):

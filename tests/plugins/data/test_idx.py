@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from compressflow import ConfigError, DataSpec
 from compressflow_data.idx import (
@@ -320,3 +321,32 @@ def test_the_idx_digest_follows_the_four_files_bytes(tmp_path):
     assert idx_digest(tmp_path / "mnist") != before
     files[MNIST_FILES[0]].unlink()
     assert idx_digest(tmp_path / "mnist") is None  # missing: check names it, not the digest
+
+
+def test_shift_moves_training_images_only_and_follows_the_seed(tmp_path):
+    arrays = fake_mnist(np.random.default_rng(11), train=40, test=10)
+    write_mnist(tmp_path, arrays)
+    spec = DataSpec(dataset="idx", batch_size=40, args={"root": str(tmp_path), "shift": 2})
+    bundle = _bundle(spec, 0, (1, 28, 28))
+    stored = bundle.train.dataset.tensors[0]
+    x, y = next(iter(bundle.train))
+    order = [int(np.flatnonzero((bundle.train.dataset.tensors[1] == label).numpy())[0]) for label in y]
+    assert x.shape == (40, 1, 28, 28) and not np.allclose(x.numpy(), stored.numpy()[order])
+    blank = (0.0 - (arrays[0] / 255).mean()) / (arrays[0] / 255).std()
+    moved = 0
+    for image, label in zip(x, y):  # every batch image is a stored one moved by at most 2 px
+        candidates = stored[bundle.train.dataset.tensors[1] == label]
+        padded = torch.nn.functional.pad(candidates, (2, 2, 2, 2), value=blank)
+        hits = [(dy, dx) for dy in range(5) for dx in range(5)
+                if torch.isclose(padded[:, :, dy:dy + 28, dx:dx + 28], image, atol=1e-5).all((1, 2, 3)).any()]
+        assert hits, "an augmented image is no stored image moved by up to 2 pixels"
+        moved += (2, 2) not in hits
+    assert moved > 20  # most move (1 in 25 is drawn in place)
+    np.testing.assert_array_equal(next(iter(bundle.val))[0].numpy(), bundle.val.dataset.tensors[0][:10].numpy())
+    bundle.reseed(5)
+    again = next(iter(bundle.train))[0]
+    bundle.reseed(5)
+    assert torch.equal(next(iter(bundle.train))[0], again)  # shifts follow the stage's seed
+    flat = next(iter(_bundle(spec, 0, (784,)).train))[0]  # flat samples move as images
+    assert flat.shape == (40, 784)
+    assert torch.equal(flat.reshape(40, 1, 28, 28), next(iter(_bundle(spec, 0, (1, 28, 28)).train))[0])

@@ -12,9 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from compressflow_prune import LeastSquaresPrune, MagnitudePrune, OBDPrune, TaylorPrune
-from compressflow_prune.criteria import calibration_batches, obd_scores, taylor_scores
+from compressflow.calibration import calibration_batches
+from compressflow_prune.criteria import obd_scores, taylor_scores
 from compressflow_prune.masks import prunable_layers
-from compressflow_prune.obs import input_hessians, layer_columns, relative_error, sparsegpt
+from compressflow.calibration import input_hessians, layer_columns
+from compressflow_prune.obs import relative_error, sparsegpt
 from tests.conftest import write_pipeline
 from tests.plugins.prune.helpers import linear_weights, run_stage, sparsity, trained_mlp
 
