@@ -24,8 +24,8 @@ embeddings and the tied lm_head left as they are):
 - W4A16, symmetric int4, groups of 64 (SmolLM2's 576 columns: group 128 does not divide
   them, and llm-compressor refuses it too): ``rtn-w4`` (round to nearest: quantize/fake-quant),
   ``gptq-w4`` (compressflow's quantize/gptq, act-order with static groups) and
-  ``llmc-gptq-w4`` (llm-compressor's GPTQModifier, ``actorder: static``, the same groups).
-  compressflow's symmetric grid has 15 levels (-7..7), llm-compressor's 16 (-8..7).
+  ``llmc-gptq-w4`` (llm-compressor's GPTQModifier, ``actorder: static``, the same groups):
+  all three on compressed-tensors' symmetric grid, levels -8..7, scale |w|max / 7.5.
 
     make data                          # Moby-Dick, sha256-pinned
     .venv/bin/python benchmarks/llm.py [--json]
@@ -102,7 +102,8 @@ def decoder_plan(model, n_m=None):
     return layers, make_plan(layers, 0.5, "layer", {}, n_m)
 
 
-W4 = {"bits": 4, "symmetric": True, "per_channel": True, "group_size": 64}
+PRUNING = ("wanda", "sparsegpt", "llmc-sparsegpt", "llmc-wanda")
+W4 = {"bits": 4, "symmetric": True, "per_channel": True, "group_size": 64, "full_range": True}
 
 
 def ours(model, method: str, batches):
@@ -143,7 +144,7 @@ def llm_compressor(model, method: str, batches, tokenizer) -> None:
         from llmcompressor.modifiers.quantization import GPTQModifier
 
         weights = {"num_bits": W4["bits"], "type": "int", "symmetric": True, "strategy": "group",
-                   "group_size": W4["group_size"]}
+                   "group_size": W4["group_size"]}  # compressed-tensors' grid: -8..7, |w|max / 7.5
         modifier = GPTQModifier(ignore=["lm_head"], block_size=128, dampening_frac=0.01, actorder="static",
                                 config_groups={"group_0": {"targets": ["Linear"], "weights": weights}})
     else:
@@ -206,7 +207,7 @@ def print_table(figures: dict[str, dict[str, float]], args) -> None:
         ppl = row["perplexity"]
         ratio = f"{ppl / dense:.2f}x" if dense else ""
         closed = (f"{(magnitude - ppl) / (magnitude - dense):.1%}"
-                  if dense and magnitude and method not in ("dense", "magnitude") else "")
+                  if dense and magnitude and method in PRUNING else "")
         print(f"| {method} | {ppl:.2f} | {ratio} | {closed} | {row['seconds']:.1f} |")
     for ours_name, theirs in (("sparsegpt", "llmc-sparsegpt"), ("wanda", "llmc-wanda"),
                               ("gptq-w4", "llmc-gptq-w4")):

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 if TYPE_CHECKING:
     from torch import nn
@@ -42,6 +42,11 @@ class DataSpec(BaseModel):
     args: dict[str, Any] = Field(
         default_factory=dict, description="the dataset's own settings (its Params)")
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_number(cls, value: Any, info: ValidationInfo) -> Any:
+        return _refuse_bool(cls, value, info)
+
 
 def _resolve_from_pipeline(value: Path, info: ValidationInfo) -> Path:
     base = (info.context or {}).get("base_dir")
@@ -54,9 +59,21 @@ DataPath = Annotated[Path, AfterValidator(_resolve_from_pipeline)]
 
 
 class DatasetParams(BaseModel):
-    """Base of every dataset's settings: unknown keys are errors, values are validated."""
+    """Base of every dataset's settings: unknown keys are errors, values are validated, and
+    numbers are not booleans (``batch_size: true`` is no 1)."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_number(cls, value: Any, info: ValidationInfo) -> Any:
+        return _refuse_bool(cls, value, info)
+
+
+def _refuse_bool(model: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
+    from compressflow.stage import refuse_bool_for_number  # stage.py imports this module
+
+    return refuse_bool_for_number(model, value, info.field_name)
 
 
 @dataclass

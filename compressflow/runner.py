@@ -47,7 +47,10 @@ class PipelineRunner:
 
     ``resume``: continue the pipeline's latest unfinished parent run (same pipeline hash,
     same experiment) instead of opening one: its finished stages are kept, the rest run.
-    ``reuse``: take a stage's result from an earlier run with the same key. ``lock(key)``:
+    ``reuse``: take a stage's result from an earlier run with the same key. ``keep_models``:
+    keep every stage's model in memory (for a caller that inspects them after the run); by
+    default a model is dropped once no later stage can ask for it (see :meth:`_release`).
+    ``lock(key)``:
     held while a stage is looked up, computed and logged, so that parallel runs of a sweep
     compute each shared stage once. ``tags``/``params``: added to the parent run.
     """
@@ -55,7 +58,8 @@ class PipelineRunner:
     def __init__(self, plan: Plan, tracking_uri: str | None = None, experiment: str | None = None,
                  *, reuse: bool = False, lock: Callable[[str], ContextManager] | None = None,
                  tags: dict[str, str] | None = None, params: dict[str, Any] | None = None,
-                 register: bool = True, run_name: str | None = None, resume: bool = False):
+                 register: bool = True, run_name: str | None = None, resume: bool = False,
+                 keep_models: bool = False):
         spec = plan.spec
         self.plan, self.spec, self.plugins, self.task = plan, spec, plan.plugins, plan.task
         self.uri = tracking_uri or spec.tracking.uri or DEFAULT_URI
@@ -75,6 +79,7 @@ class PipelineRunner:
         self.reused: list[str] = []
         self.model_uris: dict[str, str | None] = {}
         self.resume = resume
+        self.keep_models = keep_models
         self.kept: dict[str, LoggedStage] = {}  # resumed: the finished stages, by key
 
     # --- what stages may ask for ----------------------------------------------------------
@@ -86,6 +91,9 @@ class PipelineRunner:
             ref = names[-1]
         if ref not in self.models:
             raise ConfigError(f"stage '{current}': no model '{ref}' yet", f"known: {', '.join(names)}")
+        if self.models[ref] is None:  # dropped: validation saw no later stage name it
+            raise StageFailed(f"stage '{current}': the model of '{ref}' is no longer held in memory",
+                              f"name '{ref}' in the stage's params (a StageRef field) so that it is kept")
         return copy.deepcopy(self.models[ref])
 
     # --- the run --------------------------------------------------------------------------
@@ -367,6 +375,22 @@ class PipelineRunner:
         self.ctx.results[name] = result
         self.ctx.summary.append(summary_row(name, method, result, self.spec.evaluation.metric,
                                             name in self.reused, self.spec.measure.batch_sizes[0]))
+        if not self.keep_models:
+            self._release(name)
+
+    def _release(self, done: str) -> None:
+        """Drop the models no later stage can ask for: all but the input model (the reference
+        every stage is measured against), the newest (the next stage's input) and those a
+        later stage names (a distillation teacher). An LLM stage's model is hundreds of MB:
+        keeping every one does not scale. A dropped model stays in MLflow (``model_at``
+        says so); its figures stay in ``ctx.results``."""
+        names = [p.entry.name for p in self.plan.stages]
+        later = self.plan.stages[names.index(done) + 1:] if done in names else self.plan.stages
+        wanted = {INPUT, done} | {ref for p in later for ref in p.stage.params.stage_refs().values()}
+        for name, model in self.models.items():
+            if model is not None and name not in wanted:
+                self.models[name] = None
+                self.ctx.results[name].model = None
 
     def _figures(self, name: str, result: StageResult) -> dict[str, float]:
         """Everything measured of a freshly computed model, then the stage's own figures."""

@@ -70,6 +70,9 @@ class FakeQuant(Stage):
         group_size: int | None = Field(
             None, ge=1, description="per-channel only: one scale per this many consecutive weights "
             "of a channel (W4A16's groups: 64, 128); round-to-nearest, the baseline of GPTQ")
+        full_range: bool = Field(
+            False, description="symmetric: levels -2^(b-1)..2^(b-1)-1 (int4: -8..7, scale |w|max / "
+            "7.5, as compressed-tensors) instead of -7..7")
         scale: Literal["minmax", "mse"] = Field(
             "minmax", description="minmax: the whole range; mse: the clipping of least squared error")
         mse_grid: int = Field(100, ge=2, le=10000, description="clipping factors tried by mse")
@@ -85,7 +88,8 @@ class FakeQuant(Stage):
             bits = next((b for p, b in self.layer_bits.items() if fnmatch(layer, p)), self.bits)
             return QuantSpec(bits=bits, symmetric=self.scheme == "symmetric",
                              per_channel=self.granularity == "per-channel", scale=self.scale,
-                             grid=self.mse_grid, group_size=self.group_size)
+                             grid=self.mse_grid, group_size=self.group_size,
+                             full_range=self.full_range)
 
         @model_validator(mode="after")
         def _groups_need_channels(self):
@@ -128,6 +132,9 @@ class GPTQ(Stage):
             "divide every row (SmolLM2's 576 columns: 64); null: one per row")
         scheme: Literal["symmetric", "asymmetric"] = Field(
             "symmetric", description="symmetric: zero point fixed; asymmetric: min..max mapped")
+        full_range: bool = Field(
+            True, description="symmetric: levels -2^(b-1)..2^(b-1)-1 (int4: -8..7) with scale "
+            "|w|max / 7.5, as llm-compressor and compressed-tensors; false: -7..7")
         act_order: bool = Field(
             True, description="quantize columns by decreasing H_jj (static groups: the stored "
             "layout is unchanged)")
@@ -146,7 +153,8 @@ class GPTQ(Stage):
         p = self.params
         layers = fakequant.quantizable_layers(model, p.include, p.exclude)
         spec = fakequant.QuantSpec(bits=p.bits, symmetric=p.scheme == "symmetric",
-                                   per_channel=True, group_size=p.group_size)
+                                   per_channel=True, group_size=p.group_size,
+                                   full_range=p.full_range)
         batches = calibration_batches(ctx.data, p.calibration_batches, ctx.seed, ctx.task)
         records = gptq.gptq_quantize(model, layers, lambda name: spec, batches, ctx.task.feed,
                                      act_order=p.act_order, keep_zeros=p.keep_zeros,

@@ -43,6 +43,7 @@ class QuantSpec:
     scale: str = "minmax"  # or "mse"
     grid: int = 100
     group_size: int | None = None  # per channel: one scale per `group_size` consecutive weights
+    full_range: bool = False  # symmetric: levels -2^(b-1)..2^(b-1)-1 as compressed-tensors's
 
     def __post_init__(self) -> None:
         if not 1 <= self.bits <= 8:
@@ -55,9 +56,10 @@ class QuantSpec:
             raise ValueError("group_size needs per-channel scales and a size of 1 or more")
 
 
-def code_range(bits: int, symmetric: bool) -> tuple[int, int]:
-    """The unsigned codes used: symmetric leaves code 0 out so that +-q are both reachable."""
-    return (1 if symmetric else 0), 2**bits - 1
+def code_range(bits: int, symmetric: bool, full_range: bool = False) -> tuple[int, int]:
+    """The unsigned codes used: symmetric leaves code 0 out so that +-q are both reachable,
+    unless ``full_range`` (one more negative level, as compressed-tensors and llm-compressor)."""
+    return (1 if symmetric and not full_range else 0), 2**bits - 1
 
 
 def _rows(weight: torch.Tensor, per_channel: bool, group_size: int | None = None) -> torch.Tensor:
@@ -77,11 +79,13 @@ def groups_fit(weight_shape: tuple[int, ...], group_size: int | None) -> bool:
     return not group_size or row % group_size == 0
 
 
-def qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int,
-            symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, zero_point) per row for the float range [lo, hi] (lo <= 0 <= hi)."""
+def qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool,
+            full_range: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero_point) per row for the float range [lo, hi] (lo <= 0 <= hi). Symmetric:
+    the largest magnitude maps to level 2^(b-1)-1, or with ``full_range`` to half the
+    levels' span, (2^b - 1) / 2, as compressed-tensors computes it (4 bits: |w|max / 7.5)."""
     if symmetric:
-        qmax = 2 ** (bits - 1) - 1
+        qmax = (2**bits - 1) / 2 if full_range else 2 ** (bits - 1) - 1
         scale = torch.maximum(-lo, hi) / qmax
         zero_point = torch.full_like(scale, 2 ** (bits - 1))
     else:
@@ -94,9 +98,9 @@ def qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int,
 
 
 def quantize_rows(rows: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int,
-                  symmetric: bool) -> torch.Tensor:
+                  symmetric: bool, full_range: bool = False) -> torch.Tensor:
     """Unsigned codes ``clamp(round(w / scale) + zero_point)`` (float64, integral)."""
-    low, high = code_range(bits, symmetric)
+    low, high = code_range(bits, symmetric, full_range)
     return torch.clamp(torch.round(rows / scale[:, None]) + zero_point[:, None], low, high)
 
 
@@ -131,8 +135,8 @@ def quantize_weight(weight: torch.Tensor, spec: QuantSpec) -> Quantized:
         alphas = torch.linspace(1.0, 1.0 / spec.grid, spec.grid, dtype=torch.float64).tolist()
     best: Quantized | None = None
     for alpha in alphas:
-        scale, zero_point = qparams(lo * alpha, hi * alpha, spec.bits, spec.symmetric)
-        codes = quantize_rows(rows, scale, zero_point, spec.bits, spec.symmetric)
+        scale, zero_point = qparams(lo * alpha, hi * alpha, spec.bits, spec.symmetric, spec.full_range)
+        codes = quantize_rows(rows, scale, zero_point, spec.bits, spec.symmetric, spec.full_range)
         error = (dequantize_rows(codes, scale, zero_point) - rows).pow(2).sum(dim=1)
         if best is None:
             best = Quantized(codes, scale, zero_point, torch.full_like(scale, alpha), error)

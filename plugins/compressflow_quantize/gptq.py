@@ -12,7 +12,9 @@ act-order changes only the order of processing, never the stored layout, which s
 of plain group-wise quantization (no ``g_idx``).
 
 Codes follow :mod:`compressflow_quantize.fakequant` (symmetric: levels -(2^(b-1)-1)..
-2^(b-1)-1 around zero point 2^(b-1); asymmetric: 0..2^b-1), so the result is stored in a
+2^(b-1)-1 around zero point 2^(b-1), or with ``full_range`` -2^(b-1)..2^(b-1)-1 and scale
+|w|max / ((2^b - 1) / 2) as compressed-tensors writes int4; asymmetric: 0..2^b-1), so the
+result is stored in a
 :class:`~compressflow_quantize.fakequant.QuantLinear` like any fake-quant layer, and the
 round-to-nearest baseline is ``quantize/fake-quant`` with the same ``group_size``.
 
@@ -37,7 +39,7 @@ def group_qparams(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, 
     grouped = weight.double().reshape(rows, columns // group, group)
     lo = grouped.min(dim=-1).values.clamp(max=0)
     hi = grouped.max(dim=-1).values.clamp(min=0)
-    scale, zero_point = qparams(lo.reshape(-1), hi.reshape(-1), spec.bits, spec.symmetric)
+    scale, zero_point = qparams(lo.reshape(-1), hi.reshape(-1), spec.bits, spec.symmetric, spec.full_range)
     return scale.view(rows, -1), zero_point.view(rows, -1)
 
 
@@ -49,7 +51,7 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, *, act_or
     rows, columns = weight.shape
     group = spec.group_size or columns
     scale, zero_point = group_qparams(weight, spec)
-    low, high = code_range(spec.bits, spec.symmetric)
+    low, high = code_range(spec.bits, spec.symmetric, spec.full_range)
     order = (torch.argsort(torch.diag(hessian), descending=True, stable=True) if act_order
              else torch.arange(columns))
     Hinv, dead = calibration.inverse_factor(hessian.double()[order][:, order], damp)

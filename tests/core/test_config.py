@@ -270,6 +270,8 @@ def test_seed_fits_numpy(tmp_path, seed, words):
     (GOOD + "  - finetune: {}\n    gate: {max_metric_drop: no}\n", ["p.yaml:9", "not true/false"]),
     (GOOD + "select: {max_metric_drop: .inf}\n", ["p.yaml:8", "finite number"]),
     (GOOD + "measure: {batch_sizes: [1, 0]}\n", ["p.yaml:8", "batch_sizes.1"]),
+    (GOOD.replace("{dataset: digits}", "{dataset: digits, batch_size: true}"),
+     ["p.yaml:3", "batch_size", "not true/false"]),
 ])
 def test_pipeline_numbers_are_finite_and_not_booleans(tmp_path, text, words):
     with pytest.raises(ConfigError) as error:

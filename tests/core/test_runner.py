@@ -188,3 +188,38 @@ def test_resume_stops_again_where_a_gate_stopped_the_pipeline(tmp_path, cli, sto
     assert result.exit_code == 3 and "kept from the earlier attempt" in result.stderr
     _, children = _runs(store)
     assert "tuned" not in {r.info.run_name for r in children}  # nothing ran past the gate
+
+
+def test_models_no_later_stage_names_are_dropped_and_named_ones_kept(tmp_path, store):
+    from compressflow.engine import validate
+    from compressflow.errors import StageFailed
+    from compressflow.runner import PipelineRunner
+    from tests.conftest import write_pipeline
+
+    stages = [{"name": "teacher", "train": {"epochs": 1}},
+              {"name": "pruned", "prune": {"sparsity": 0.5}},
+              {"name": "cut", "prune": {"sparsity": 0.7}},
+              {"name": "tuned", "finetune": {"epochs": 1, "teacher": "teacher"}},
+              {"name": "last", "prune": {"sparsity": 0.8}}]
+    path = write_pipeline(tmp_path, stages, name="release", tracking={"log_models": False},
+                          measure={"latency": False})
+    runner = PipelineRunner(validate(path), tracking_uri=store)
+    seen = {}
+    original = runner._release
+
+    def spy(done):
+        original(done)
+        seen[done] = {name for name, model in runner.models.items() if model is not None}
+
+    runner._release = spy
+    ctx = runner.run()
+    # the teacher is held until the stage that names it has run, then dropped
+    assert seen["pruned"] == {"input", "teacher", "pruned"}
+    assert seen["cut"] == {"input", "teacher", "cut"}
+    assert seen["tuned"] == {"input", "tuned"}
+    assert seen["last"] == {"input", "last"}
+    assert ctx.results["pruned"].model is None and ctx.results["pruned"].metrics["sparsity"] > 0
+    with pytest.raises(StageFailed, match="'pruned' is no longer held in memory"):
+        runner.model_at("pruned", "later")
+    kept = PipelineRunner(validate(path), tracking_uri=store, keep_models=True).run()
+    assert all(result.model is not None for result in kept.results.values())

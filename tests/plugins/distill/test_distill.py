@@ -45,7 +45,8 @@ def distilled(tmp_path_factory):
     from compressflow.runner import PipelineRunner
 
     folder = tmp_path_factory.mktemp("distill")
-    runner = PipelineRunner(validate(pipeline_file(folder)), tracking_uri=f"sqlite:///{folder / 'mlflow.db'}")
+    runner = PipelineRunner(validate(pipeline_file(folder)), tracking_uri=f"sqlite:///{folder / 'mlflow.db'}",
+                            keep_models=True)
     return runner, runner.run()
 
 

@@ -24,7 +24,7 @@ def test_onnx_parity_and_latency_logged(tmp_path, store):
         {"name": "base", "train": {"epochs": 1}},
         {"name": "onnx", "export": {"method": "onnx", "repeats": 5, "warmup": 1}},
     ], tracking={"log_models": False})
-    runner = PipelineRunner(validate(path), tracking_uri=store)
+    runner = PipelineRunner(validate(path), tracking_uri=store, keep_models=True)
     ctx = runner.run()
     client = MlflowClient(store)
     run = client.get_run(runner.tracker.last_stage_id)

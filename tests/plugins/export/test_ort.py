@@ -88,7 +88,7 @@ def test_int8_pipelines_pass_on_smaller_graphs_logged_as_onnx(tmp_path, store, s
         {"name": "int8", "quantize": stage},
     ], measure={"repeats": 3, "warmup": 1},
        model={"source": "zoo:mlp", "args": {"in_features": 64, "hidden": [256, 128], "num_classes": 10}})
-    runner = PipelineRunner(validate(path), tracking_uri=store)
+    runner = PipelineRunner(validate(path), tracking_uri=store, keep_models=True)
     results = runner.run().results
     assert isinstance(runner.models["graph"], OnnxModel) and isinstance(runner.models["int8"], OnnxModel)
     assert results["graph"].metrics["accuracy"] == pytest.approx(results["base"].metrics["accuracy"])

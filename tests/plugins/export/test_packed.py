@@ -183,7 +183,7 @@ def test_pipeline_packed_file_is_the_model(tmp_path, store):
         {"name": "shared", "quantize": {"method": "kmeans", "bits": 3, "bias_fp16": True}},
         {"name": "packed", "export": {"method": "packed", "filename": "digits.cfpk"}},
     ], measure={"latency": False})
-    runner = PipelineRunner(validate(path), tracking_uri=store)
+    runner = PipelineRunner(validate(path), tracking_uri=store, keep_models=True)
     ctx = runner.run()
     client = MlflowClient(store)
     runs = {r.info.run_name: r for r in client.search_runs(

@@ -32,7 +32,7 @@ def test_the_int8_graph_and_its_tokenizer_load_in_onnxruntime_and_give_the_logge
     from compressflow.engine import validate
     from compressflow.runner import PipelineRunner
 
-    runner = PipelineRunner(validate(path), tracking_uri=store)
+    runner = PipelineRunner(validate(path), tracking_uri=store, keep_models=True)
     ctx = runner.run()
     figures = ctx.results["1-quantize"].metrics
     lengths = runner.measurer.lengths

@@ -108,7 +108,7 @@ def test_pipeline_finetunes_centroids_and_keeps_them_tied(tmp_path, store):
         {"name": "tuned", "quantize": {"method": "kmeans", "bits": 2, "layer_bits": {"layers.2": 3},
                                        "finetune_epochs": 2, "lr": 0.003, "bias_fp16": True}},
     ])
-    runner = PipelineRunner(plan, tracking_uri=store)
+    runner = PipelineRunner(plan, tracking_uri=store, keep_models=True)
     ctx = runner.run()
     cut, shared = runner.models["cut"], runner.models["shared"]
     tuned = runner.models["tuned"]

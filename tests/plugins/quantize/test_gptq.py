@@ -99,3 +99,27 @@ def test_the_gptq_stage_quantizes_an_hf_llama_in_a_pipeline(tmp_path, store, cli
     assert gptq_run["metrics.output_error"] < gptq_run["metrics.output_error_rtn"]
     assert gptq_run["metrics.size_bytes"] < figures["input"]["metrics.size_bytes"]
     assert gptq_run["metrics.perplexity"] > 1
+
+
+def test_full_range_is_compressed_tensors_int4_grid():
+    pytest.importorskip("compressed_tensors")
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    weight = torch.randn(8, 64, generator=torch.Generator().manual_seed(3))
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=16)
+    groups = weight.reshape(8, 4, 16)
+    scale, zero_point = calculate_qparams(groups.amin(-1), groups.amax(-1), args)
+    theirs = fake_quantize(weight, scale, zero_point, args)
+    full = QuantSpec(bits=4, symmetric=True, per_channel=True, group_size=16, full_range=True)
+    ours = rtn(weight, full)
+    # the same levels and scales; only a group's largest magnitude, exactly half-way (7.5
+    # levels) before rounding, may fall either way by the last bit of float32
+    at_max = (groups.abs() == groups.abs().amax(-1, keepdim=True)).reshape(8, 64)
+    torch.testing.assert_close(ours[~at_max], theirs[~at_max])
+    step = scale.repeat_interleave(16, dim=1)
+    assert ((ours - theirs).abs() <= step * 1.001)[at_max].all()
+    assert not torch.allclose(rtn(weight), theirs)  # the restricted grid (-7..7) is another
+    codes, _, _ = gptq(weight, torch.eye(64, dtype=torch.float64), full, act_order=False)
+    assert codes.min() == 0  # level -8 is used

@@ -35,12 +35,12 @@ def quantized(tmp_path_factory, quantize_store):
     path = write_pipeline(folder, [{"name": "trained", "train": {"epochs": 8, "lr": 0.003}},
                                    {"name": "int8", "quantize": {"method": "dynamic-int8"}}],
                           name="all", model=ARCH, **QUIET)
-    everything = PipelineRunner(validate(path), tracking_uri=uri).run()
+    everything = PipelineRunner(validate(path), tracking_uri=uri, keep_models=True).run()
     torch.save(everything.results["trained"].model.state_dict(), folder / "trained.pt")
     path = write_pipeline(folder, [{"name": "int8", "quantize": {"exclude": ["layers.4"]}}],
                           name="some", model={"source": "file:trained.pt", "args": {"architecture": ARCH}},
                           **QUIET)
-    some = PipelineRunner(validate(path), tracking_uri=uri).run()
+    some = PipelineRunner(validate(path), tracking_uri=uri, keep_models=True).run()
     return everything, some
 
 

@@ -38,7 +38,7 @@ def pipeline(tmp_path_factory):
                           model={"source": "file:zeros.pt", "args": {"architecture": ARCH}},
                           measure={"latency": False}, tracking={"log_models": False})
     uri = f"sqlite:///{folder / 'mlflow.db'}"
-    return uri, PipelineRunner(validate(path), tracking_uri=uri).run()
+    return uri, PipelineRunner(validate(path), tracking_uri=uri, keep_models=True).run()
 
 
 def accuracy_of(ctx, stage: str) -> float:
