@@ -329,7 +329,10 @@ class HFCausalLM(HFModel):
         cache, which is then cut back to the prompt, so every step measures the same work."""
         out = self.model(input_ids=state["token"], past_key_values=state["cache"], use_cache=True,
                          return_dict=True)
-        state["cache"].crop(state["length"])
+        cache = state["cache"]
+        added = cache.get_seq_length() - state["length"]
+        if added > 0:  # a negative crop removes that many tokens (transformers 5.17 on)
+            cache.crop(-added)
         return out.logits
 
 
