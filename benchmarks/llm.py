@@ -21,6 +21,9 @@ embeddings and the tied lm_head left as they are):
   ``llmc-sparsegpt`` and ``llmc-wanda`` (llm-compressor 0.14's SparseGPTModifier and
   WandaPruningModifier through ``oneshot``); "magnitude's gap closed" is
   (ppl_magnitude - ppl) / (ppl_magnitude - ppl_dense);
+- W8A8: ``int8-dynamic`` (torch.ao dynamic int8, weights per channel, activations per
+  tensor at run time, every Linear but lm_head) and ``smoothquant-w8a8`` (llm-compressor's
+  SmoothQuantModifier, strength 0.8, on the calibration segments first: quantize/smoothquant);
 - W4A16, symmetric int4, groups of 64 (SmolLM2's 576 columns: group 128 does not divide
   them, and llm-compressor refuses it too): ``rtn-w4`` (round to nearest: quantize/fake-quant),
   ``gptq-w4`` (compressflow's quantize/gptq, act-order with static groups) and
@@ -107,7 +110,8 @@ W4 = {"bits": 4, "symmetric": True, "per_channel": True, "group_size": 64, "full
 
 
 def ours(model, method: str, batches):
-    """compressflow's own implementation, as its prune and quantize stages call it."""
+    """compressflow's own implementation, as its prune and quantize stages call it: the model
+    changed in place, or a new one returned."""
     from compressflow_prune.criteria import magnitude_scores
     from compressflow_prune.masks import apply_masks, select_masks
     from compressflow_prune.obs import least_squares_prune, sparsegpt, wanda
@@ -115,6 +119,13 @@ def ours(model, method: str, batches):
     from compressflow_quantize.gptq import gptq_quantize
     from compressflow_tasks import CausalLM
 
+    if method in ("int8-dynamic", "smoothquant-w8a8"):
+        from compressflow_quantize.dynamic import quantize_dynamic_int8
+        from compressflow_quantize.smoothquant import smooth
+
+        if method == "smoothquant-w8a8":
+            smooth(model, batches, 0.8)
+        return quantize_dynamic_int8(model, ["*lm_head"], per_channel=True)[0]  # a new module
     layers, plan = decoder_plan(model)
     spec = fakequant.QuantSpec(**W4)
     if method == "rtn-w4":
@@ -158,7 +169,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--methods", nargs="+", default=[
         "dense", "magnitude", "wanda", "sparsegpt", "llmc-sparsegpt", "llmc-wanda",
-        "rtn-w4", "gptq-w4", "llmc-gptq-w4"])
+        "rtn-w4", "gptq-w4", "llmc-gptq-w4", "int8-dynamic", "smoothquant-w8a8"])
     parser.add_argument("--segments", type=int, default=8)
     parser.add_argument("--segment-tokens", type=int, default=256)
     parser.add_argument("--eval-tokens", type=int, default=4096)
@@ -185,7 +196,7 @@ def main() -> None:
         if method.startswith("llmc-"):
             llm_compressor(model, method, batches, tokenizer)
         elif method != "dense":
-            ours(model, method, batches)
+            model = ours(model, method, batches) or model
         seconds = time.perf_counter() - started if method != "dense" else 0.0
         figures[method] = {"perplexity": perplexity(model, loader), "seconds": seconds}
         print(f"{method:15s} perplexity {figures[method]['perplexity']:9.2f}   {seconds:6.1f} s", flush=True)
@@ -198,7 +209,7 @@ def main() -> None:
 def print_table(figures: dict[str, dict[str, float]], args) -> None:
     dense = figures.get("dense", {}).get("perplexity")
     magnitude = figures.get("magnitude", {}).get("perplexity")
-    print(f"\nSmolLM2-135M, 50% of every decoder Linear; calibration {args.segments} x "
+    print(f"\nSmolLM2-135M, every decoder Linear (pruning: 50% each); calibration {args.segments} x "
           f"{args.segment_tokens} tokens of Moby-Dick ch. 1-100; perplexity on the first "
           f"{args.eval_tokens} tokens of ch. 101-135 (windows of {args.window}); {args.threads} threads\n")
     print("| method | perplexity | x dense | magnitude's gap closed | seconds |")

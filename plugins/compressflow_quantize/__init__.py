@@ -172,6 +172,40 @@ class GPTQ(Stage):
         return StageResult(model, metrics=metrics, artifacts={"gptq_layers": table}, notes=notes)
 
 
+class SmoothQuant(Stage):
+    """SmoothQuant through llm-compressor (activation outliers moved into the weights), then
+    torch.ao dynamic int8 (W8A8): an hf: causal LM only."""
+
+    kind = "quantize"
+    method = "smoothquant"
+    tasks = ("causal-lm",)
+
+    class Params(StageParams):
+        strength: float = Field(0.8, gt=0, lt=1, description="alpha: how much of the activations' "
+                                "range moves into the weights (the paper: 0.5-0.85)")
+        quantize: bool = Field(True, description="then torch.ao dynamic int8 of every Linear "
+                               "(weights per channel); false: smoothing alone, the same function")
+        exclude: list[str] = Field(default_factory=lambda: ["*lm_head"],
+                                   description="Linear-name patterns kept fp32 by the int8 step")
+        calibration_batches: int = Field(4, ge=1, description="batches whose activation ranges set s")
+
+    def run(self, model, ctx):
+        from compressflow.calibration import calibration_batches
+        from compressflow_quantize.dynamic import quantize_dynamic_int8
+        from compressflow_quantize.smoothquant import smooth
+
+        p = self.params
+        batches = calibration_batches(ctx.data, p.calibration_batches, ctx.seed, ctx.task)
+        smooth(model, batches, p.strength)
+        notes = [f"SmoothQuant (llm-compressor's SmoothQuantModifier, strength {p.strength}) on "
+                 f"{sum(len(b[0]['input_ids']) for b in batches)} calibration windows"]
+        if not p.quantize:
+            return StageResult(model, notes=notes + ["smoothing only: the same function, fp32"])
+        quantized, names = quantize_dynamic_int8(model, p.exclude, per_channel=True)
+        notes.append(f"then torch.ao dynamic int8 in {len(names)} Linear layers (per channel)")
+        return StageResult(quantized, metrics={"quantized_layers": len(names)}, notes=notes)
+
+
 class StaticInt8(Stage):
     """torch.ao FX static int8: fused Conv/Linear(+BN+ReLU), activations calibrated."""
 
@@ -258,6 +292,7 @@ def register_stages(registry) -> None:
     registry.add(KMeansQuantize)  # quantize/kmeans: Deep Compression weight sharing
     registry.add(FakeQuant)  # quantize/fake-quant: packed N-bit integer weights (RTN)
     registry.add(GPTQ)  # quantize/gptq: N-bit weights reconstructing each layer's output
+    registry.add(SmoothQuant)  # quantize/smoothquant: llm-compressor's smoothing, then W8A8
     registry.add(StaticInt8)  # quantize/static-int8: torch.ao FX, calibrated
     registry.add(QAT)  # quantize/qat: fake quantization trained, then int8
     registry.add(AutoQuantize)  # quantize/auto: fastest measured int8 within the drop

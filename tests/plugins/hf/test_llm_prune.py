@@ -69,3 +69,31 @@ def test_a_causal_lm_run_times_prefill_and_decode_per_token(tmp_path, store, cli
         for phase in ("prefill", "decode"):
             assert row[f"metrics.latency_ms_per_token_{phase}"] > 0
             assert row[f"metrics.{phase}_speedup_q1"] <= row[f"metrics.{phase}_speedup"] <= row[f"metrics.{phase}_speedup_q3"]
+
+
+def test_smoothquant_keeps_the_function_then_int8_quantizes(tmp_path, store, hf_folders):
+    pytest.importorskip("llmcompressor")
+    import torch
+
+    from compressflow.engine import validate
+    from compressflow.runner import PipelineRunner
+
+    data = text_files(tmp_path)
+    data["args"].update(window=8, stride=8)
+    stages = [{"name": "smoothed", "quantize": {"method": "smoothquant", "quantize": False,
+                                                "calibration_batches": 2}},
+              {"name": "w8a8", "quantize": {"method": "smoothquant", "calibration_batches": 2}}]
+    path = write_pipeline(tmp_path, stages, name="hf-smoothquant", model={"source": f"hf:{hf_folders / 'llama'}"},
+                          data=data, task="causal-lm", **QUIET)
+    runner = PipelineRunner(validate(path), tracking_uri=store, keep_models=True)
+    ctx = runner.run()
+    dense, smoothed = runner.models["input"], runner.models["smoothed"]
+    norm = "model.model.layers.0.input_layernorm.weight"
+    assert not torch.equal(dict(dense.named_parameters())[norm], dict(smoothed.named_parameters())[norm])
+    inputs = dict(dense.tokenizer(["the cat sat on the mat"], return_tensors="pt"))
+    with torch.inference_mode():
+        torch.testing.assert_close(smoothed(**inputs), dense(**inputs), rtol=1e-4, atol=1e-4)
+    int8 = ctx.results["w8a8"]
+    assert int8.metrics["quantized_layers"] == 14  # 7 a layer; lm_head stays fp32
+    assert int8.metrics["size_bytes"] < ctx.results["input"].metrics["size_bytes"]
+    assert int8.metrics["perplexity"] > 1
