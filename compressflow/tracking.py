@@ -9,6 +9,7 @@ explicit ``pip_requirements`` (inferring them costs seconds a call).
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import subprocess
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from compressflow import store
+from compressflow.interrupts import interrupts_deferred
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 MODEL_NAME = "model"
@@ -64,6 +66,19 @@ class LoggedStage:
 
 
 _PARAM_KEY = re.compile(r"^[\w\-. :/]+$")  # what MLflow accepts in a param's name
+
+
+def _whole(write):
+    """A write to the store that a signal does not cut in half: SIGINT and SIGTERM wait until
+    it is done. A sqlite transaction cut by a signal keeps the store locked against the
+    write that then marks the runs KILLED (``database is locked``)."""
+
+    @functools.wraps(write)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with interrupts_deferred():
+            return write(*args, **kwargs)
+
+    return wrapper
 
 
 def flatten(prefix: str, value: Any) -> dict[str, Any]:
@@ -180,6 +195,7 @@ class Tracker:
         self.stage_id: str | None = None
         self.last_stage_id: str | None = None
 
+    @_whole
     def start_pipeline(self, run_name: str, tags: dict[str, str], params: dict[str, Any]) -> str:
         """Open the parent run; returns its id."""
         run = self.mlflow.start_run(run_name=run_name, tags={**tags, **store.process_tags()})
@@ -187,6 +203,7 @@ class Tracker:
         self.mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
         return self.parent_id
 
+    @_whole
     def start_stage(self, name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
         """Open a nested run under the parent; returns its id."""
         run = self.mlflow.start_run(run_name=name, nested=True, tags={**tags, **store.process_tags()})
@@ -195,22 +212,27 @@ class Tracker:
             self.mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
         return self.stage_id
 
+    @_whole
     def log_metric(self, name: str, value: float, step: int | None = None) -> None:
         """One figure into the open stage run (or the parent between stages)."""
         self.mlflow.log_metric(name, float(value), step=step)
 
+    @_whole
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         """Several figures at once into the open run (one write to the store)."""
         self.mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
+    @_whole
     def log_text(self, text: str, name: str) -> None:
         """A text artifact of the open run."""
         self.mlflow.log_text(text, name)
 
+    @_whole
     def log_file(self, path: Path, folder: str | None = None) -> None:
         """A file artifact of the open run."""
         self.mlflow.log_artifact(str(path), folder)
 
+    @_whole
     def log_model(self, model: Any, example: Any, feed: Any = None) -> str | None:
         """The model of the open stage run, with a signature of ``example`` (inputs in any
         form the task feeds) and of its outputs; returns its URI."""
@@ -242,6 +264,7 @@ class Tracker:
             self.mlflow.set_tags(model.log_mlflow_flavors(signature))
         return info.model_uri
 
+    @_whole
     def end_stage(self, status: str = "FINISHED") -> None:
         """Close the open stage run with ``status``."""
         self.mlflow.end_run(status=status)
@@ -253,6 +276,7 @@ class Tracker:
             self.mlflow.end_run(status=status)
         self.parent_id = None
 
+    @_whole
     def log_dataset(self, info: Any, context: str) -> None:
         """The data a stage used, as an MLflow dataset input (the UI's Dataset column)."""
         from mlflow.data.code_dataset_source import CodeDatasetSource
@@ -263,6 +287,7 @@ class Tracker:
         dataset = MetaDataset(source, name=info.name, digest=info.digest)
         self.mlflow.log_input(dataset, context=context)
 
+    @_whole
     def set_tags(self, tags: dict[str, str]) -> None:
         """Tags on the open run."""
         self.mlflow.set_tags(tags)
