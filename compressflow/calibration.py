@@ -130,16 +130,14 @@ def block_hessians(block: nn.Module, layers: dict[str, nn.Module], calls: list[C
     return hessians
 
 
-def hessians_by_block(model: nn.Module, layers: dict[str, nn.Module], batches,
+def hessians_by_block(model: nn.Module, blocks: list[tuple[str, nn.Module]],
+                      layers: dict[str, nn.Module], batches,
                       columns: Callable[[nn.Module, torch.Tensor], torch.Tensor],
                       feed=call) -> Iterator[dict[str, torch.Tensor]]:
-    """For each block holding some of ``layers`` (:func:`repeated_blocks` must find them), the
+    """For each of ``blocks`` (:func:`repeated_blocks`) holding some of ``layers``, the
     Hessians of those layers on the block's true inputs (:func:`block_hessians`). The caller
     changes the layers before asking for the next block: its inputs come through the block
     as changed."""
-    blocks = repeated_blocks(model, list(layers))
-    if blocks is None:
-        raise ValueError("the layers lie in no repeated blocks")
     calls = first_block_inputs(model, blocks[0][1], batches, feed)
     last = max(i for i, (name, _) in enumerate(blocks) if layers_in(name, layers))
     for index, (block_name, block) in enumerate(blocks[: last + 1]):
@@ -188,6 +186,20 @@ def damped_inverse(hessian: torch.Tensor, damp: float) -> torch.Tensor:
         except RuntimeError:  # not positive definite in this precision
             continue
     raise ValueError("the calibration inputs' Hessian stays singular after damping")
+
+
+def output_errors(weight: torch.Tensor, news: list[torch.Tensor], hessian: torch.Tensor) -> list[float]:
+    """||W X - W' X||^2 / ||W X||^2 of each W' of ``news``, from H = X X^T, ||W X||^2 computed
+    once; in float32 (a diagnostic: the ratios need no more, and LLM layers make float64
+    costly)."""
+    H = hessian.float()
+
+    def energy(matrix: torch.Tensor) -> float:
+        matrix = matrix.float()
+        return float(((matrix @ H) * matrix).sum())
+
+    total = energy(weight)
+    return [energy(weight - new) / total if total else 0.0 for new in news]
 
 
 def layer_columns(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
@@ -276,8 +288,9 @@ def layer_hessians(model: nn.Module, layers: dict[str, nn.Module], batches,
     group at a time: block by block where the layers lie in repeated blocks
     (:func:`hessians_by_block`), else one layer at a time in forward order, each on inputs
     through the earlier layers as the caller has changed them by then."""
-    if repeated_blocks(model, list(layers)) is not None:
-        yield from hessians_by_block(model, layers, batches, layer_columns, feed)
+    blocks = repeated_blocks(model, list(layers))
+    if blocks is not None:
+        yield from hessians_by_block(model, blocks, layers, batches, layer_columns, feed)
         return
     for name in forward_order(model, layers, batches[0][0], feed):
         yield input_hessians(model, {name: layers[name]}, batches, stop_after=name, feed=feed)

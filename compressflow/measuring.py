@@ -125,11 +125,11 @@ class Measurer:
             (call, tokens), (base, _) = ours[phase], theirs[phase]
             timings = time_interleaved({"input": base, "stage": call}, rounds=self.spec.repeats,
                                        warmup=self.spec.warmup, threads=self.spec.threads)
-            spread, ratio = timings.spread("stage"), timings.speedup("input", "stage")
             name = f"latency_ms_per_token_{phase}"
-            out.update({name: spread.median / tokens, f"{name}_iqr": spread.iqr / tokens,
-                        f"{phase}_speedup": ratio.median, f"{phase}_speedup_q1": ratio.q1,
-                        f"{phase}_speedup_q3": ratio.q3})
+            found = self._named(timings, name, f"{phase}_speedup")
+            found[name] /= tokens
+            found[f"{name}_iqr"] /= tokens
+            out.update(found)
         return out
 
     def latency(self, model: nn.Module, input_model: nn.Module) -> dict[str, float]:

@@ -51,24 +51,19 @@ def cache_root() -> Path:
     return Path(base).expanduser() / "gguf"
 
 
-def cached_folder(path: Path) -> Path:
-    """The cache folder of ``path``'s conversion (which may not exist yet)."""
-    import transformers
-
-    digest = files_digest([path])
-    return cache_root() / f"{path.stem}-{digest}-transformers{transformers.__version__}"
-
-
 def converted(path: Path, ctx: SourceContext) -> Path:
     """The Hugging Face folder of the GGUF file ``path``: the cached one, else converted now."""
-    target = cached_folder(path)
+    import transformers
+
+    digest = files_digest([path])  # hashed once: the file is ~100 MB
+    target = cache_root() / f"{path.stem}-{digest}-transformers{transformers.__version__}"
     if (target / RECORD).is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         _convert(path, work, ctx)
-        (work / RECORD).write_text(json.dumps({"gguf": str(path), "digest": files_digest([path])}))
+        (work / RECORD).write_text(json.dumps({"gguf": str(path), "digest": digest}))
         try:
             os.replace(work, target)
         except OSError:  # another process finished the same conversion first: use its folder

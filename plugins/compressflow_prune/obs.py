@@ -97,20 +97,7 @@ def _scores(W: torch.Tensor, diag: torch.Tensor, forced: torch.Tensor, dead: tor
 
 def relative_error(weight: torch.Tensor, new: torch.Tensor, hessian: torch.Tensor) -> float:
     """||W X - W' X||^2 / ||W X||^2 from H = X X^T."""
-    return relative_errors(weight, [new], hessian)[0]
-
-
-def relative_errors(weight: torch.Tensor, news: list[torch.Tensor], hessian: torch.Tensor) -> list[float]:
-    """:func:`relative_error` of each of ``news``, ||W X||^2 computed once; in float32 (a
-    diagnostic: the ratios need no more, and LLM layers make float64 costly)."""
-    H = hessian.float()
-
-    def energy(matrix: torch.Tensor) -> float:
-        matrix = matrix.float()
-        return float(((matrix @ H) * matrix).sum())
-
-    denominator = energy(weight)
-    return [energy(weight - new) / denominator if denominator else 0.0 for new in news]
+    return calibration.output_errors(weight, [new], hessian)[0]
 
 
 def least_squares_prune(model: nn.Module, layers: dict[str, nn.Module], plan: Plan, batches,
@@ -145,7 +132,7 @@ def least_squares_prune(model: nn.Module, layers: dict[str, nn.Module], plan: Pl
         new, keep = solve(weight, hessian, count=counts.get(name), n_m=plan.n_m, forced=weight == 0,
                           **extra)
         magnitude = _magnitude_keep(weight, int((~keep).sum()), plan.n_m)
-        error, baseline = relative_errors(weight, [new, weight * magnitude], hessian)
+        error, baseline = calibration.output_errors(weight, [new, weight * magnitude], hessian)
         records[name] = {"reconstruction_error": error, "magnitude_error": baseline}
         with torch.no_grad():
             module.weight.copy_(new.view_as(module.weight))

@@ -27,30 +27,23 @@ from __future__ import annotations
 import torch
 
 from compressflow import calibration
-from compressflow_quantize.fakequant import QuantSpec, code_range, qparams
+from compressflow_quantize.fakequant import (Quantized, QuantSpec, code_range, dequantize_rows,
+                                             quantize_weight)
 
 BLOCK_SIZE = 128
 
 
-def group_qparams(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(scale, zero_point)`` [rows, groups] from min-max of each group of ``weight``."""
-    rows, columns = weight.shape
-    group = spec.group_size or columns
-    grouped = weight.double().reshape(rows, columns // group, group)
-    lo = grouped.min(dim=-1).values.clamp(max=0)
-    hi = grouped.max(dim=-1).values.clamp(min=0)
-    scale, zero_point = qparams(lo.reshape(-1), hi.reshape(-1), spec.bits, spec.symmetric, spec.full_range)
-    return scale.view(rows, -1), zero_point.view(rows, -1)
-
-
 def gptq(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, *, act_order: bool = True,
-         keep_zeros: bool = True, block_size: int = BLOCK_SIZE,
-         damp: float = calibration.DAMP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+         keep_zeros: bool = True, block_size: int = BLOCK_SIZE, damp: float = calibration.DAMP,
+         grid: Quantized | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(codes, scale, zero_point)`` of ``weight`` [rows, columns]: unsigned codes (float,
-    integral) in the weight's column order, scale and zero point [rows, groups]."""
+    integral) in the weight's column order, scale and zero point [rows, groups]. ``grid``:
+    the round-to-nearest :func:`quantize_weight` of ``weight`` by ``spec``, whose scales GPTQ
+    keeps (the static groups), where already computed."""
     rows, columns = weight.shape
     group = spec.group_size or columns
-    scale, zero_point = group_qparams(weight, spec)
+    grid = grid or quantize_weight(weight, spec)
+    scale, zero_point = grid.scale.view(rows, -1), grid.zero_point.view(rows, -1)
     low, high = code_range(spec.bits, spec.symmetric, spec.full_range)
     order = (torch.argsort(torch.diag(hessian), descending=True, stable=True) if act_order
              else torch.arange(columns))
@@ -88,22 +81,14 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, *, act_or
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
     """``(codes - zero_point) * scale`` with each group's parameters, [rows, columns]."""
-    rows, columns = codes.shape
-    group = columns // scale.shape[1]
-    per_weight = lambda t: t.float().repeat_interleave(group, dim=1)  # noqa: E731
-    return (codes.float() - per_weight(zero_point)) * per_weight(scale)
+    group = codes.shape[1] // scale.shape[1]
+    return dequantize_rows(codes.reshape(-1, group).float(), scale.reshape(-1).float(),
+                           zero_point.reshape(-1).float()).view(codes.shape)
 
 
 def output_error(weight: torch.Tensor, new: torch.Tensor, hessian: torch.Tensor) -> float:
-    """||W X - W' X||^2 / ||W X||^2 from H = X X^T (float32: a diagnostic)."""
-    H = hessian.float()
-
-    def energy(matrix: torch.Tensor) -> float:
-        matrix = matrix.float()
-        return float(((matrix @ H) * matrix).sum())
-
-    total = energy(weight)
-    return energy(weight - new) / total if total else 0.0
+    """||W X - W' X||^2 / ||W X||^2 from H = X X^T (:func:`compressflow.calibration.output_errors`)."""
+    return calibration.output_errors(weight, [new], hessian)[0]
 
 
 def gptq_quantize(model, layers: dict, spec_for, batches, feed, *, act_order: bool,
@@ -113,7 +98,7 @@ def gptq_quantize(model, layers: dict, spec_for, batches, feed, *, act_order: bo
     put a :class:`QuantLinear` holding the codes in each one's place. Returns one record a
     layer: name, shape, bits, ``output_error`` and round-to-nearest's ``rtn_error`` (the same
     groups, the same inputs)."""
-    from compressflow_quantize.fakequant import QuantLinear, check_groups, quantize_weight
+    from compressflow_quantize.fakequant import QuantLinear, check_groups
 
     records = []
     for hessians in calibration.layer_hessians(model, layers, batches, feed):
@@ -125,11 +110,11 @@ def gptq_quantize(model, layers: dict, spec_for, batches, feed, *, act_order: bo
             spec = spec_for(name)
             check_groups(name, layer, spec.group_size)
             weight = layer.weight.detach()
+            rtn = quantize_weight(weight, spec)  # GPTQ's grid, and the baseline it is judged by
             codes, scale, zero_point = gptq(weight, hessian, spec, act_order=act_order,
-                                            keep_zeros=keep_zeros, block_size=block_size, damp=damp)
-            rtn = quantize_weight(weight, spec)
-            rtn_weight = dequantize(rtn.codes.view(weight.shape), rtn.scale.view(scale.shape),
-                                    rtn.zero_point.view(scale.shape))
+                                            keep_zeros=keep_zeros, block_size=block_size, damp=damp,
+                                            grid=rtn)
+            rtn_weight = dequantize_rows(rtn.codes, rtn.scale, rtn.zero_point).view(weight.shape)
             module = QuantLinear(layer.in_features, layer.out_features, layer.bias is not None,
                                  bits=spec.bits, symmetric=spec.symmetric, per_channel=True,
                                  group_size=spec.group_size)
@@ -138,9 +123,10 @@ def gptq_quantize(model, layers: dict, spec_for, batches, feed, *, act_order: bo
                 with torch.no_grad():
                     module.bias.copy_(layer.bias)
             module.train(layer.training)
+            error, rtn_error = calibration.output_errors(
+                weight, [module.dequantized_weight(), rtn_weight], hessian)
             records.append({"name": name, "shape": tuple(weight.shape), "bits": spec.bits,
-                            "output_error": output_error(weight, module.dequantized_weight(), hessian),
-                            "rtn_error": output_error(weight, rtn_weight, hessian)})
+                            "output_error": error, "rtn_error": rtn_error})
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
     return records
