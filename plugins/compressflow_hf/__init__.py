@@ -37,6 +37,7 @@ from compressflow import ConfigError, ModelSource, SourceContext, hookimpl
 from compressflow.fingerprint import files_digest, tree_digest
 from compressflow.plugins import TRUSTED_ONLY_ENV, trusted_only
 from compressflow_hf import folder as folders
+from compressflow_hf.compressed import CompressedTensorsExport
 from compressflow_hf.export import HFExport
 from compressflow_hf.layers import DropLayers
 
@@ -199,6 +200,7 @@ def register_model_sources(registry) -> None:
 @hookimpl
 def register_stages(registry) -> None:
     """structured/drop-layers: fewer layers of a Hugging Face transformer; export/hf: its
-    save_pretrained folder."""
+    save_pretrained folder; export/compressed-tensors: llm-compressor's packed int4 folder."""
     registry.add(DropLayers)
     registry.add(HFExport)
+    registry.add(CompressedTensorsExport)

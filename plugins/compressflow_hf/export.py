@@ -78,18 +78,22 @@ def folder_bytes(folder: Path) -> int:
     return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
 
 
-def reload_difference(model, folder: Path, inputs, task, place: str) -> float:
-    """Largest absolute difference between ``model``'s predictions on ``inputs`` and those of
-    the model ``hf:`` loads from ``folder`` (weights as stored, pooling as the folder says)."""
-    import torch
-
+def reload(folder: Path, place: str):
+    """The model ``hf:`` loads from ``folder`` (weights as stored, pooling as it says)."""
     from compressflow_hf import HFSource
 
     context = SourceContext(base_dir=folder, place=place)
-    reloaded = HFSource().load(str(folder), {"dtype": "auto"}, context)
+    return HFSource().load(str(folder), {"dtype": "auto"}, context)
+
+
+def output_difference(model, other, inputs, task) -> float:
+    """Largest absolute difference between two models' predictions on ``inputs`` (inf where
+    their shapes differ)."""
+    import torch
+
     with torch.no_grad():
         expected = task.predict(model.eval(), inputs)
-        found = task.predict(reloaded.eval(), inputs)
+        found = task.predict(other.eval(), inputs)
     if found.shape != expected.shape:
         return float("inf")
     return float((found.float() - expected.float()).abs().max())
@@ -125,7 +129,8 @@ class HFExport(Stage):
         metrics = {"folder_bytes": float(size)}
         if p.tolerance is not None:
             inputs = ctx.data.example_input(8, ctx.task)
-            difference = reload_difference(model, folder, inputs, ctx.task, f"stage '{ctx.name}'")
+            reloaded = reload(folder, f"stage '{ctx.name}'")
+            difference = output_difference(model, reloaded, inputs, ctx.task)
             metrics["reload_max_abs_diff"] = difference
             if not difference <= p.tolerance:
                 raise StageFailed(

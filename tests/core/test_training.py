@@ -80,3 +80,22 @@ def test_a_diverging_stage_exits_1_instead_of_logging_success(tmp_path, cli, sto
     result = cli("run", path, "--tracking-uri", store, "-q")
     assert result.exit_code == 1, result.output
     assert "training diverged" in result.stderr and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("dropout", [True, False])
+def test_dropout_false_trains_without_dropping_and_restores_p(dropout):
+    bundle = digits(DataSpec(dataset="digits"), 0, None)
+    model = torch.nn.Sequential(torch.nn.Dropout(0.5), MLP(hidden=[32]))
+    seen = []
+
+    # the loss sees what the model computed in training mode, next to its eval-mode output
+    def loss(outputs, targets, inputs):
+        with torch.no_grad():
+            model.eval()
+            seen.append(torch.equal(outputs, model(inputs)))
+            model.train()
+        return torch.nn.functional.cross_entropy(outputs, targets)
+
+    fit(model, bundle, TrainParams(epochs=1, dropout=dropout), _ctx(bundle, []), loss_fn=loss)
+    assert seen and all(same is not dropout for same in seen)  # dropped: never the eval output
+    assert model[0].p == 0.5
