@@ -139,7 +139,9 @@ def ours(model, method: str, batches):
         apply_masks(layers, select_masks(magnitude_scores(layers), plan, layers))
         return
     solve = {"sparsegpt": sparsegpt, "wanda": wanda}[method]
-    least_squares_prune(model, layers, plan, batches, feed=CausalLM().feed, solve=solve)
+    # Wanda as llm-compressor runs it: ||x|| per input only, no reconstruction-error table
+    least_squares_prune(model, layers, plan, batches, feed=CausalLM().feed, solve=solve,
+                        errors=method != "wanda")
 
 
 def llm_compressor(model, method: str, batches, tokenizer) -> None:

@@ -88,9 +88,11 @@ def run_block(block: nn.Module, calls: list[Call]) -> list[Call]:
 
 
 def block_hessians(block: nn.Module, layers: dict[str, nn.Module], calls: list[Call],
-                   columns: Callable[[nn.Module, torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
+                   columns: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+                   diagonal: bool = False) -> dict[str, torch.Tensor]:
     """H = X X^T / samples (float64) of each of ``layers`` (inside ``block``) over ``calls``;
-    ``columns(module, input)`` turns a layer's input into ``[row length, samples]``.
+    ``columns(module, input)`` turns a layer's input into ``[row length, samples]``. With
+    ``diagonal`` only H's diagonal (1-D), for a method that needs no more (Wanda).
 
     Layers fed the very same tensor in every call (a transformer's q, k and v; gate and up)
     get one shared Hessian, computed once. Each call's product is taken in float32 (as
@@ -105,7 +107,7 @@ def block_hessians(block: nn.Module, layers: dict[str, nn.Module], calls: list[C
         if not newest or newest[0] is not inputs:
             x = columns(module, inputs.detach()).float()
             number = newest[1] + 1 if newest else 0
-            newest[:] = [inputs, number, (x @ x.t()).double(), x.shape[1]]
+            newest[:] = [inputs, number, _product(x, diagonal), x.shape[1]]
         fed[name].append(newest[1])
         sums[name] = sums.get(name, 0) + newest[2]
         counts[name] += newest[3]
@@ -130,10 +132,15 @@ def block_hessians(block: nn.Module, layers: dict[str, nn.Module], calls: list[C
     return hessians
 
 
+def _product(x: torch.Tensor, diagonal: bool) -> torch.Tensor:
+    """X X^T of ``[row length, samples]`` columns, or its diagonal alone, in float64."""
+    return (x * x).sum(dim=1).double() if diagonal else (x @ x.t()).double()
+
+
 def hessians_by_block(model: nn.Module, blocks: list[tuple[str, nn.Module]],
                       layers: dict[str, nn.Module], batches,
                       columns: Callable[[nn.Module, torch.Tensor], torch.Tensor],
-                      feed=call) -> Iterator[dict[str, torch.Tensor]]:
+                      feed=call, diagonal: bool = False) -> Iterator[dict[str, torch.Tensor]]:
     """For each of ``blocks`` (:func:`repeated_blocks`) holding some of ``layers``, the
     Hessians of those layers on the block's true inputs (:func:`block_hessians`). The caller
     changes the layers before asking for the next block: its inputs come through the block
@@ -143,7 +150,7 @@ def hessians_by_block(model: nn.Module, blocks: list[tuple[str, nn.Module]],
     for index, (block_name, block) in enumerate(blocks[: last + 1]):
         inside = layers_in(block_name, layers)
         if inside:
-            yield block_hessians(block, inside, calls, columns)
+            yield block_hessians(block, inside, calls, columns, diagonal)
         if index < last:
             calls = run_block(block, calls)
 
@@ -248,15 +255,16 @@ def forward_order(model: nn.Module, layers: dict[str, nn.Module], inputs, feed=c
 
 
 def input_hessians(model: nn.Module, layers: dict[str, nn.Module], batches,
-                   stop_after: str | None = None, feed=call) -> dict[str, torch.Tensor]:
-    """H = X X^T / samples (float64) of each layer's calibration inputs; with ``stop_after``,
-    each forward pass ends once that layer ran."""
+                   stop_after: str | None = None, feed=call,
+                   diagonal: bool = False) -> dict[str, torch.Tensor]:
+    """H = X X^T / samples (float64) of each layer's calibration inputs (``diagonal``: its
+    diagonal alone); with ``stop_after``, each forward pass ends once that layer ran."""
     sums: dict[str, torch.Tensor] = {}
     counts = dict.fromkeys(layers, 0)
 
     def hook(module, args, _output, name):
         columns = layer_columns(module, args[0].detach()).double()
-        sums[name] = sums.get(name, 0) + columns @ columns.t()
+        sums[name] = sums.get(name, 0) + _product(columns, diagonal)
         counts[name] += columns.shape[1]
         if name == stop_after:
             raise StopForward
@@ -283,17 +291,19 @@ def _feed_all(model: nn.Module, batches, feed) -> None:
 
 
 def layer_hessians(model: nn.Module, layers: dict[str, nn.Module], batches,
-                   feed=call) -> Iterator[dict[str, torch.Tensor]]:
+                   feed=call, diagonal: bool = False) -> Iterator[dict[str, torch.Tensor]]:
     """The Hessians H = X X^T / samples of ``layers`` on their true calibration inputs, a
     group at a time: block by block where the layers lie in repeated blocks
     (:func:`hessians_by_block`), else one layer at a time in forward order, each on inputs
-    through the earlier layers as the caller has changed them by then."""
+    through the earlier layers as the caller has changed them by then. ``diagonal``: the
+    diagonals alone (1-D), which cost samples x columns instead of samples x columns^2."""
     blocks = repeated_blocks(model, list(layers))
     if blocks is not None:
-        yield from hessians_by_block(model, blocks, layers, batches, layer_columns, feed)
+        yield from hessians_by_block(model, blocks, layers, batches, layer_columns, feed, diagonal)
         return
     for name in forward_order(model, layers, batches[0][0], feed):
-        yield input_hessians(model, {name: layers[name]}, batches, stop_after=name, feed=feed)
+        yield input_hessians(model, {name: layers[name]}, batches, stop_after=name, feed=feed,
+                             diagonal=diagonal)
 
 
 def layers_in(block_name: str, layers: dict[str, nn.Module]) -> dict[str, nn.Module]:

@@ -41,6 +41,13 @@ class StageFailed(CompressflowError):
     exit_code = 1
 
 
+class StoreUnreachable(CompressflowError):
+    """The tracking server stopped answering during a run: nothing more can be logged, what
+    it holds stays, and ``--resume`` continues once it answers again."""
+
+    exit_code = 1
+
+
 class LoggingFailed(CompressflowError):
     """Writing a run's outcome to the store failed; what was logged before stays."""
 

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ContextManager
 
 from compressflow.engine import Plan, PlannedStage
-from compressflow.errors import CompressflowError, ConfigError, LoggingFailed, StageFailed
+from compressflow.errors import (CompressflowError, ConfigError, LoggingFailed, StageFailed,
+                                 StoreUnreachable)
 from compressflow.gates import GateFailed, gate_failures
 from compressflow.interrupts import interrupts_deferred
 from compressflow.loading import Loader
@@ -132,6 +133,9 @@ class PipelineRunner:
         on its way out, which it must not replace.
         """
         failures: list[str] = []
+        if isinstance(in_flight, StoreUnreachable):  # nothing can be written; the runs stay open
+            self.plugins.pipeline_end(self.ctx, status)
+            return
         with interrupts_deferred():
             try:
                 log_summary(self.tracker, self.ctx, self.spec.evaluation.metric, self.workdir,
@@ -320,6 +324,9 @@ class PipelineRunner:
 
     def _fail(self, planned: PlannedStage, error: BaseException) -> None:
         stage, entry = planned.stage, planned.entry
+        if isinstance(error, StoreUnreachable):  # the server is gone: tell, write nothing
+            self.plugins.stage_error(stage, error, self.ctx)
+            raise error
         self.tracker.log_text(traceback.format_exc(), "error.txt")
         self.tracker.end_stage("FAILED" if isinstance(error, Exception) else "KILLED")
         self.plugins.stage_error(stage, error, self.ctx)

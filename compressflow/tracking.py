@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from compressflow import store
+from compressflow.errors import StoreUnreachable
 from compressflow.interrupts import interrupts_deferred
 
 DEFAULT_URI = "sqlite:///mlflow.db"
@@ -71,14 +72,56 @@ _PARAM_KEY = re.compile(r"^[\w\-. :/]+$")  # what MLflow accepts in a param's na
 def _whole(write):
     """A write to the store that a signal does not cut in half: SIGINT and SIGTERM wait until
     it is done. A sqlite transaction cut by a signal keeps the store locked against the
-    write that then marks the runs KILLED (``database is locked``)."""
+    write that then marks the runs KILLED (``database is locked``). A server that does not
+    answer is :class:`StoreUnreachable` (:func:`_answered`)."""
+
+    answered = _answered(write)
 
     @functools.wraps(write)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def wrapper(self, *args: Any, **kwargs: Any) -> Any:
         with interrupts_deferred():
-            return write(*args, **kwargs)
+            return answered(self, *args, **kwargs)
 
     return wrapper
+
+
+def _answered(call):
+    """``call`` (a Tracker method), with a server that cannot be reached or keeps failing
+    after MLflow's retries raised as one :class:`StoreUnreachable` naming the server."""
+
+    @functools.wraps(call)
+    def wrapper(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return call(self, *args, **kwargs)
+        except Exception as error:
+            reason = unreachable(error)
+            if reason is None:
+                raise
+            raise StoreUnreachable(
+                f"tracking server {self.uri} stopped answering ({call.__name__}): {reason}",
+                "every run it holds stays as it is; once it answers again, run the same "
+                "command with --resume to continue from the last finished stage") from error
+
+    return wrapper
+
+
+def unreachable(error: BaseException) -> str | None:
+    """Why a store call failed when the cause is the connection (refused, reset, timed out,
+    retries spent on 5xx answers), found along the exception's chain; else None."""
+    import requests
+
+    seen: BaseException | None = error
+    for _ in range(10):
+        if seen is None:
+            return None
+        if isinstance(seen, (requests.ConnectionError, requests.Timeout, requests.exceptions.RetryError)):
+            text = str(seen)
+            for marker in ("Connection refused", "timed out", "Connection reset", "Name or service"):
+                if marker in text:
+                    return marker.lower()
+            return type(seen).__name__
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def flatten(prefix: str, value: Any) -> dict[str, Any]:
@@ -292,6 +335,7 @@ class Tracker:
         """Tags on the open run."""
         self.mlflow.set_tags(tags)
 
+    @_answered
     def find_stage(self, key: str) -> LoggedStage | None:
         """A stage run of this experiment with ``key`` whose model is logged, if any.
 
@@ -309,6 +353,7 @@ class Tracker:
                 return LoggedStage(origin, run.data.tags[Tag.MODEL_URI], dict(run.data.metrics))
         return None
 
+    @_answered
     def unfinished_pipeline(self, pipeline_hash: str) -> str | None:
         """The parent run to resume: the latest run of the pipeline with ``pipeline_hash`` in
         this experiment, when it did not finish (None when it did, or there is none)."""
@@ -338,6 +383,7 @@ class Tracker:
         self.mlflow.set_tags(process_tags())  # this process holds it now
         return run_id
 
+    @_answered
     def finished_stages(self, parent_id: str) -> dict[str, LoggedStage]:
         """The stage runs under ``parent_id`` that finished with a logged model, by key."""
         runs = self.mlflow.search_runs(
@@ -348,6 +394,7 @@ class Tracker:
                                                         r.data.tags.get(Tag.GATE) == "failed")
                 for r in runs if r.data.tags.get(Tag.STAGE_KEY) and r.data.tags.get(Tag.MODEL_URI)}
 
+    @_answered
     def load_model(self, uri: str) -> Any:
         """A model logged to this store."""
         import mlflow.pytorch

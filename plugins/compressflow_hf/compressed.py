@@ -25,9 +25,11 @@ compressed-tensors comes with the ``llm`` extra; it is imported only when the st
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from pydantic import Field
 
@@ -121,7 +123,8 @@ def write(model, folder: Path) -> str:
         plain.save_pretrained(folder)
         compressor.update_config(str(folder))
         model.tokenizer.save_pretrained(folder)
-    return str(config.format) if config is not None else "dense"
+    found = compressor.quantization_config
+    return str(getattr(found.format, "value", found.format)) if found is not None else "dense"
 
 
 def _set_grid(target, layer) -> None:
@@ -133,22 +136,18 @@ def _set_grid(target, layer) -> None:
         target.weight_zero_point.copy_(signed.reshape(target.weight_zero_point.shape))
 
 
-class _no_bars:
+@contextlib.contextmanager
+def _no_bars() -> Iterator[None]:
     """compressed-tensors' per-module progress bars off (tqdm reads TQDM_DISABLE)."""
-
-    def __enter__(self):
-        import os
-
-        self._saved = os.environ.get("TQDM_DISABLE")
-        os.environ["TQDM_DISABLE"] = "1"
-
-    def __exit__(self, *_):
-        import os
-
-        if self._saved is None:
+    saved = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
             os.environ.pop("TQDM_DISABLE", None)
         else:
-            os.environ["TQDM_DISABLE"] = self._saved
+            os.environ["TQDM_DISABLE"] = saved
 
 
 class CompressedTensorsExport(Stage):

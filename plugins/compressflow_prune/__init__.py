@@ -53,9 +53,10 @@ shuffled with the stage's seed (the calibration loader is itself a random subset
 
 Unquoted, ``pattern: 2:4`` is read by YAML 1.1 as the base-60 number 124; it is read back as
 2:4. Every run writes ``prune_layers.md``: layer, shape, reached sparsity (least-squares adds
-its relative reconstruction error (wanda too), magnitude's on the same inputs and at the same sparsity,
-and their ratio). Stage metrics: ``target_sparsity``, ``calibration_samples``, and for
-least-squares ``reconstruction_error`` / ``reconstruction_error_magnitude`` (layer means).
+its relative reconstruction error, magnitude's on the same inputs and at the same sparsity,
+and their ratio; wanda too, unless ``errors: false``, which collects only ||x||). Stage
+metrics: ``target_sparsity``, ``calibration_samples``, and for least-squares (and wanda)
+``reconstruction_error`` / ``reconstruction_error_magnitude`` (layer means).
 
 What to expect (benchmarks/prune_criteria.py, one shot, no finetune): least-squares keeps
 far more accuracy than magnitude; taylor and obd keep less, on a model that fits its training
@@ -268,17 +269,27 @@ class LeastSquaresPrune(PruneStage):
                                    feed=self.task.feed)
 
 
+class WandaParams(PruneParams):
+    """prune's params, and whether to measure each layer's reconstruction error."""
+
+    errors: bool = Field(
+        True, description="measure each layer's reconstruction error (and magnitude's) for "
+        "prune_layers.md; false: collect only ||x|| per input, which is all Wanda needs and "
+        "costs samples x columns instead of samples x columns^2 (what llm-compressor does)")
+
+
 class WandaPrune(LeastSquaresPrune):
     """Wanda: prune on |w| * ||x|| within each output row, no weight update."""
 
     method = "wanda"
+    Params = WandaParams
 
     def prune_layers(self, model, layers, plan, batches):
         from compressflow_prune.obs import least_squares_prune, wanda
 
         return least_squares_prune(model, layers, plan, batches,
                                    global_scores=self.importance if plan.pool else None,
-                                   feed=self.task.feed, solve=wanda)
+                                   feed=self.task.feed, solve=wanda, errors=self.params.errors)
 
 
 @hookimpl

@@ -101,7 +101,8 @@ def relative_error(weight: torch.Tensor, new: torch.Tensor, hessian: torch.Tenso
 
 
 def least_squares_prune(model: nn.Module, layers: dict[str, nn.Module], plan: Plan, batches,
-                        global_scores=None, feed=call, solve=None) -> dict[str, dict[str, float]]:
+                        global_scores=None, feed=call, solve=None,
+                        errors: bool = True) -> dict[str, dict[str, float]]:
     """Prune every planned layer with ``solve`` (default :func:`sparsegpt`; :func:`wanda`
     takes the same arguments), each on its true calibration inputs: block by block where the
     layers lie in repeated blocks (:mod:`compressflow.calibration`: a transformer's
@@ -109,7 +110,9 @@ def least_squares_prune(model: nn.Module, layers: dict[str, nn.Module], plan: Pl
     already-pruned earlier layers. ``global_scores(model, layers, batches)`` ranks the pool
     (``scope: global``) before any layer changes: it sets how many weights each layer loses.
     Returns, by layer, ``reconstruction_error`` and ``magnitude_error`` (magnitude's mask,
-    same count or pattern, same inputs, no update)."""
+    same count or pattern, same inputs, no update). ``errors=False`` (Wanda only: SparseGPT
+    needs the whole H anyway) collects H's diagonal alone and returns no errors: the error
+    needs the whole H, which costs more than Wanda itself."""
     solve = solve or sparsegpt
     planned = {n: layers[n] for n in plan.sparsities()}
     counts = {}
@@ -131,13 +134,16 @@ def least_squares_prune(model: nn.Module, layers: dict[str, nn.Module], plan: Pl
             extra["factor"] = factored[1]
         new, keep = solve(weight, hessian, count=counts.get(name), n_m=plan.n_m, forced=weight == 0,
                           **extra)
-        magnitude = _magnitude_keep(weight, int((~keep).sum()), plan.n_m)
-        error, baseline = calibration.output_errors(weight, [new, weight * magnitude], hessian)
-        records[name] = {"reconstruction_error": error, "magnitude_error": baseline}
+        records[name] = {}
+        if hessian.dim() == 2:  # the whole H (not its diagonal alone): the errors are known
+            magnitude = _magnitude_keep(weight, int((~keep).sum()), plan.n_m)
+            error, baseline = calibration.output_errors(weight, [new, weight * magnitude], hessian)
+            records[name] = {"reconstruction_error": error, "magnitude_error": baseline}
         with torch.no_grad():
             module.weight.copy_(new.view_as(module.weight))
 
-    for hessians in calibration.layer_hessians(model, planned, batches, feed):
+    diagonal = not errors and solve is wanda
+    for hessians in calibration.layer_hessians(model, planned, batches, feed, diagonal):
         for name, hessian in hessians.items():
             prune(name, hessian)
     return records
@@ -151,7 +157,8 @@ def wanda(weight: torch.Tensor, hessian: torch.Tensor, *, count: int | None = No
     H's diagonal (sqrt(H_jj) is proportional to it). Unstructured: each row prunes
     ``count / rows`` weights (rounded); N:M: N kept in every M of a row. Weights already zero
     are pruned first. Returns the new weight and its keep-mask."""
-    score = weight.detach().abs().double() * torch.diag(hessian).clamp_min(0).sqrt().unsqueeze(0)
+    diag = hessian if hessian.dim() == 1 else torch.diag(hessian)  # H's diagonal may come alone
+    score = weight.detach().abs().double() * diag.clamp_min(0).sqrt().unsqueeze(0)
     if forced is not None:
         score = torch.where(forced, float("-inf"), score)
     if n_m is not None:

@@ -53,6 +53,7 @@ def run_prune(stage: PruneStage, model: nn.Module, ctx: StageContext) -> StageRe
     else:
         records = gradual(stage, model, layers, plan, batches, ctx)
     extra = {}
+    records = {name: record for name, record in records.items() if record}  # errors untold: none
     if records:
         errors = [r["reconstruction_error"] for r in records.values()]
         baselines = [r["magnitude_error"] for r in records.values()]

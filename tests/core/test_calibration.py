@@ -107,6 +107,21 @@ def test_wanda_ranks_weight_times_input_norm_within_each_row():
     assert keep.tolist() == [[True, True, False, True], [True, False, True, True]]
 
 
+@pytest.mark.parametrize("blockwise", [True, False], ids=["by-block", "by-layer"])
+def test_wanda_without_errors_collects_only_the_diagonal_and_prunes_the_same(monkeypatch, blockwise):
+    if not blockwise:
+        monkeypatch.setattr(calibration, "repeated_blocks", lambda *a: None)
+    full, diagonal, data = TinyLM(), TinyLM(), batches()
+    for model, errors in ((full, True), (diagonal, False)):
+        layers, plan = plan_for(model, ["*.layers.*"])
+        records = least_squares_prune(model, layers, plan, data, solve=wanda, errors=errors)
+        assert all(records.values()) is errors  # the errors need the whole H
+    for (name, a), b in zip(full.named_parameters(), diagonal.parameters()):
+        assert torch.equal(a == 0, b == 0), name
+    hessians = next(calibration.layer_hessians(diagonal, layers, data, diagonal=True))
+    assert all(h.dim() == 1 for h in hessians.values())
+
+
 @pytest.mark.parametrize("solve", [sparsegpt, wanda], ids=["least-squares", "wanda"])
 @pytest.mark.parametrize("n_m", [None, (2, 4)], ids=["50%", "2:4"])
 def test_llama_prunes_to_target_and_keeps_its_output_closer_than_magnitude(solve, n_m):

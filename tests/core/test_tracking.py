@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from compressflow.tracking import Tag, flatten
 
 
@@ -31,3 +33,26 @@ def test_a_stage_with_layer_patterns_logs_its_params(tmp_path, store):
                if r.info.run_name == "shared")
     assert json.loads(run.data.params["layer_bits"]) == {"layers.*": 3}
     assert run.data.tags[Tag.KIND] == "quantize" and ctx.results["shared"].metrics["accuracy"] > 0
+
+
+def test_a_connection_failure_anywhere_in_the_chain_is_told_and_others_are_not():
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    from compressflow.tracking import unreachable
+
+    def mlflow_call(cause: Exception):
+        try:
+            raise cause
+        except Exception:  # MLflow's rest_utils wraps without `from`: only __context__ links
+            raise MlflowException("API request to http://h/api failed with exception ...")
+
+    for cause, said in ((requests.ConnectionError("[Errno 111] Connection refused"), "connection refused"),
+                        (requests.Timeout("Read timed out. (read timeout=30)"), "timed out"),
+                        (requests.exceptions.RetryError("too many 503 error responses"), "RetryError")):
+        with pytest.raises(MlflowException) as caught:
+            mlflow_call(cause)
+        assert unreachable(caught.value) == said
+    with pytest.raises(MlflowException) as caught:
+        mlflow_call(ValueError("RESOURCE_DOES_NOT_EXIST"))
+    assert unreachable(caught.value) is None

@@ -58,6 +58,8 @@ def test_gptq_int4_is_written_packed_and_transformers_reproduces_the_perplexity(
     assert "model.layers.0.self_attn.q_proj.weight" not in names
     assert q_proj.dtype == torch.int32 and q_proj.shape == (32, 32 // 8)  # eight int4 codes an int32
     assert ("model.layers.0.self_attn.q_proj.weight_zero_point" in names) == (scheme == "asymmetric")
+    notes = mlflow.artifacts.load_text(f"runs:/{packed['run_id']}/notes.txt")
+    assert "format pack-quantized" in notes and "no sparse format" in notes
     # the input model's float32 folder is larger on disk
     assert packed["metrics.folder_bytes"] < figures["plain"]["metrics.folder_bytes"]
 

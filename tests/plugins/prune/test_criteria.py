@@ -146,6 +146,25 @@ def test_least_squares_prunes_a_cnn_layer_by_layer_below_magnitudes_error():
     assert result.metrics["reconstruction_error"] < result.metrics["reconstruction_error_magnitude"]
 
 
+@pytest.mark.parametrize("errors", [True, False])
+def test_wanda_tells_the_errors_only_when_asked_and_prunes_the_same(errors):
+    from compressflow import DataSpec
+    from compressflow_data.loaders import load_digits_bundle
+    from compressflow_models.zoo import CNN
+    from compressflow_prune import WandaPrune
+
+    torch.manual_seed(0)
+    model = CNN([8, 16], 32)
+    bundle = load_digits_bundle(DataSpec(dataset="digits", batch_size=64), 0, (1, 8, 8))
+    result, _ = run_stage(WandaPrune, model, bundle, sparsity=0.6, scope="layer",
+                          calibration_batches=4, errors=errors)
+    header = Path(result.artifacts["prune_layers"]).read_text().splitlines()[0]
+    assert ("reconstruction error" in header) is errors
+    assert ("reconstruction_error" in result.metrics) is errors
+    for weight in linear_weights(result.model).values():
+        assert sparsity(weight) == pytest.approx(0.6, abs=0.05)  # whole weights per row
+
+
 def test_every_criterion_prunes_the_same_count_and_least_squares_keeps_accuracy():
     from compressflow_tasks import accuracy
 
