@@ -33,36 +33,40 @@ from tests.servers import mlflow_server, postgres  # noqa: E402
 FILLER, TARGET = "scale-filler", "scale-target"
 
 
-def fill(uri: str, runs: int) -> str:
+def fill(uri: str, runs: int, threads: int = 1) -> str:
     """``runs`` stage runs in the filler experiment, plus one 4-stage pipeline in the target
-    one (``compare`` lists it); returns a stage key of the filler to look up."""
+    one (``compare`` lists it); returns a stage key of the filler to look up. ``threads``
+    fill pipelines side by side (a database server; sqlite takes one writer at a time)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from mlflow import MlflowClient
 
+    client = MlflowClient(uri)
+    ids = {}
+    for experiment in (FILLER, TARGET):
+        found = client.get_experiment_by_name(experiment)
+        ids[experiment] = found.experiment_id if found else client.create_experiment(experiment)
+    keys = [uuid.uuid4().hex for _ in range(runs)]
+    chunks = [keys[i:i + 4] for i in range(0, runs, 4)]
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda chunk: _pipeline(client, ids[FILLER], chunk), chunks))
+    _pipeline(client, ids[TARGET], [uuid.uuid4().hex for _ in range(4)])
+    return keys[runs // 2]
+
+
+def _pipeline(client, experiment_id: str, keys: list[str]) -> None:
+    """One finished pipeline (parent) run with a finished stage run per key."""
     from compressflow.tracking import Tag
 
-    client = MlflowClient(uri)
-    looked_up = ""
-    for experiment, count in ((FILLER, runs), (TARGET, 4)):
-        found = client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else client.create_experiment(experiment)
-        parent = None
-        for i in range(count):
-            if i % 4 == 0:
-                if parent:
-                    client.set_terminated(parent.info.run_id)
-                parent = client.create_run(experiment_id, run_name=f"pipeline-{i // 4}",
-                                           tags={Tag.KIND: "pipeline"})
-            key = uuid.uuid4().hex
-            if experiment == FILLER and i == count // 2:
-                looked_up = key
-            run = client.create_run(experiment_id, run_name=f"stage-{i % 4}", tags={
-                "mlflow.parentRunId": parent.info.run_id, Tag.STAGE_KEY: key, Tag.KIND: "prune",
-                Tag.METHOD: "magnitude", Tag.MODEL_URI: f"runs:/{uuid.uuid4().hex}/model"})
-            _log(client, run.info.run_id, i)
-            client.set_terminated(run.info.run_id)
-        _log(client, parent.info.run_id, count)
-        client.set_terminated(parent.info.run_id)
-    return looked_up
+    parent = client.create_run(experiment_id, run_name="pipeline", tags={Tag.KIND: "pipeline"})
+    for i, key in enumerate(keys):
+        run = client.create_run(experiment_id, run_name=f"stage-{i}", tags={
+            "mlflow.parentRunId": parent.info.run_id, Tag.STAGE_KEY: key, Tag.KIND: "prune",
+            Tag.METHOD: "magnitude", Tag.MODEL_URI: f"runs:/{uuid.uuid4().hex}/model"})
+        _log(client, run.info.run_id, i)
+        client.set_terminated(run.info.run_id)
+    _log(client, parent.info.run_id, len(keys))
+    client.set_terminated(parent.info.run_id)
 
 
 def _log(client, run_id: str, i: int) -> None:
@@ -110,7 +114,7 @@ def run_store(name: str, runs: int, folder: Path) -> dict[str, tuple[float, floa
             uri = stack.enter_context(postgres())
             read = stack.enter_context(mlflow_server(uri, folder / "artifacts"))
         start = time.perf_counter()
-        key = fill(read if name == "sqlite" else uri, runs)
+        key = fill(uri, runs, threads=1 if name == "sqlite" else 8)
         print(f"{name}: filled {runs:,} stage runs in {time.perf_counter() - start:.0f} s", flush=True)
         return measure(read, key)
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compressflow import ConfigError
+from compressflow_quantize.packing import pack, packed_length, unpack
 
 
 @dataclass(frozen=True)
@@ -149,36 +150,6 @@ def quantize_weight(weight: torch.Tensor, spec: QuantSpec) -> Quantized:
             best.alpha = torch.where(better, torch.full_like(scale, alpha), best.alpha)
             best.squared_error = torch.where(better, error, best.squared_error)
     return best
-
-
-# --- bit packing --------------------------------------------------------------------------
-
-
-def packed_length(count: int, bits: int) -> int:
-    """Bytes that ``count`` codes of ``bits`` bits take."""
-    return (count * bits + 7) // 8
-
-
-def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Unsigned codes (< 2**bits) as a little-endian bit stream in uint8 bytes."""
-    codes = codes.reshape(-1).to(torch.uint8)
-    if bits == 8:
-        return codes.clone()
-    stream = ((codes.unsqueeze(1) >> torch.arange(bits, dtype=torch.uint8)) & 1).reshape(-1)
-    padding = (-stream.numel()) % 8
-    if padding:
-        stream = torch.cat([stream, stream.new_zeros(padding)])
-    weights = torch.arange(8, dtype=torch.uint8)
-    return (stream.view(-1, 8) << weights).sum(dim=1).to(torch.uint8)
-
-
-def unpack(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    """The first ``count`` codes of a stream written by :func:`pack` (uint8)."""
-    if bits == 8:
-        return packed[:count]
-    stream = ((packed.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(-1)
-    stream = stream[: count * bits].view(count, bits)
-    return (stream << torch.arange(bits, dtype=torch.uint8)).sum(dim=1).to(torch.uint8)
 
 
 # --- the modules --------------------------------------------------------------------------

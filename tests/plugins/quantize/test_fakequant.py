@@ -15,11 +15,9 @@ from compressflow_quantize.fakequant import (
     QuantLinear,
     QuantSpec,
     fake_quantize,
-    pack,
-    packed_length,
     quantizable_layers,
-    unpack,
 )
+from compressflow_quantize.packing import pack, pack_bits, packed_length, unpack, unpack_bits
 from tests.conftest import write_pipeline
 from tests.plugins.quantize.digits_models import (
     data_for,
@@ -137,6 +135,9 @@ def test_packing_round_trips_and_takes_bits_per_code(bits):
         assert packed.dtype == torch.uint8
         assert packed.numel() == packed_length(count, bits) == -(-count * bits // 8)
         assert torch.equal(unpack(packed, bits, count), codes)
+        # widths with a fast path keep the one bit-stream layout (stored models still load)
+        assert torch.equal(packed, pack_bits(codes, bits)) or bits == 8
+        assert torch.equal(unpack_bits(pack_bits(codes, bits), bits, count), codes)
 
 
 def test_quant_conv_computes_with_its_dequantized_weight():
