@@ -13,6 +13,7 @@ import functools
 import json
 import re
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,12 @@ def _answered(call):
                 "command with --resume to continue from the last finished stage") from error
 
     return wrapper
+
+
+def duplicate_key(error: BaseException) -> bool:
+    """Whether a store call failed on a unique key (PostgreSQL's and sqlite's words for it)."""
+    text = str(error)
+    return "duplicate key value" in text or "UNIQUE constraint failed" in text
 
 
 def unreachable(error: BaseException) -> str | None:
@@ -328,7 +335,16 @@ class Tracker:
         source = CodeDatasetSource({"source": info.source, **{f"{k}_samples": str(v)
                                                               for k, v in info.splits.items()}})
         dataset = MetaDataset(source, name=info.name, digest=info.digest)
-        self.mlflow.log_input(dataset, context=context)
+        for attempt in range(3):
+            try:
+                self.mlflow.log_input(dataset, context=context)
+                return
+            except Exception as error:
+                # two runs logging one new dataset at once: the store checks, then inserts, and
+                # the slower insert breaks the unique key; asked again, it finds the row
+                if attempt == 2 or not duplicate_key(error):
+                    raise
+                time.sleep(0.2 * (attempt + 1))
 
     @_whole
     def set_tags(self, tags: dict[str, str]) -> None:

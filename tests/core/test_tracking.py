@@ -56,3 +56,38 @@ def test_a_connection_failure_anywhere_in_the_chain_is_told_and_others_are_not()
     with pytest.raises(MlflowException) as caught:
         mlflow_call(ValueError("RESOURCE_DOES_NOT_EXIST"))
     assert unreachable(caught.value) is None
+
+
+def test_a_dataset_another_run_is_inserting_at_the_same_time_is_logged_on_a_second_try(tmp_path, monkeypatch):
+    from mlflow.exceptions import MlflowException
+
+    from compressflow.data import DataInfo
+    from compressflow.tracking import Tracker
+
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "race", log_models=False)
+    run_id = tracker.start_pipeline("p", {}, {})
+    real, calls = tracker.mlflow.log_input, []
+
+    def racing(dataset, context=None):
+        calls.append(context)
+        if len(calls) == 1:  # what the store answers the slower of two inserts
+            raise MlflowException("(psycopg.errors.UniqueViolation) duplicate key value violates "
+                                  'unique constraint "dataset_pk"')
+        return real(dataset, context=context)
+
+    monkeypatch.setattr(tracker.mlflow, "log_input", racing)  # the mlflow module: restored after
+    tracker.log_dataset(DataInfo("digits", "abc123", "sklearn"), "train")
+    assert calls == ["train", "train"]
+    (found,) = tracker.mlflow.get_run(run_id).inputs.dataset_inputs
+    assert (found.dataset.name, found.dataset.digest) == ("digits", "abc123")
+
+    def refusing(dataset, context=None):
+        calls.append(context)
+        raise MlflowException("INVALID_PARAMETER_VALUE: something else")
+
+    calls.clear()
+    monkeypatch.setattr(tracker.mlflow, "log_input", refusing)
+    with pytest.raises(MlflowException, match="something else"):
+        tracker.log_dataset(DataInfo("digits", "def456", "sklearn"), "train")
+    assert calls == ["train"]  # only the race is asked again
+    tracker.end_pipeline("FINISHED")
