@@ -33,8 +33,8 @@ from typing import Any, Iterator
 
 from pydantic import Field
 
-from compressflow import ConfigError, Stage, StageFailed, StageResult
-from compressflow_hf.export import HFExportParams, folder_bytes, inside, output_difference, reload
+from compressflow import ConfigError, Stage, StageResult
+from compressflow_hf.export import HFExportParams, checked_reload, folder_bytes, inside
 
 WHERE = "export/compressed-tensors"
 
@@ -188,14 +188,7 @@ class CompressedTensorsExport(Stage):
     def _check(self, model, folder: Path, ctx, metrics: dict[str, float]) -> None:
         """Reload with transformers: the outputs on a validation batch, then (``evaluate``)
         the reloaded model's figures; StageFailed where the outputs differ."""
-        inputs = ctx.data.example_input(8, ctx.task)
-        reloaded = reload(folder, f"stage '{ctx.name}'")
-        difference = output_difference(model, reloaded, inputs, ctx.task)
-        metrics["reload_max_abs_diff"] = difference
-        if not difference <= self.params.tolerance:
-            raise StageFailed(
-                f"{WHERE}: the folder {folder} loads back with outputs {difference:.3g} away "
-                f"from the model's (tolerance {self.params.tolerance:g})",
-                "set tolerance: null to keep the folder anyway")
+        metrics["reload_max_abs_diff"], reloaded = checked_reload(
+            model, folder, ctx, self.params.tolerance, WHERE)
         if self.params.evaluate:
             metrics.update({f"reloaded_{k}": v for k, v in ctx.evaluate(reloaded).items()})

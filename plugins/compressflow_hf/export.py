@@ -99,6 +99,21 @@ def output_difference(model, other, inputs, task) -> float:
     return float((found.float() - expected.float()).abs().max())
 
 
+def checked_reload(model, folder: Path, ctx, tolerance: float, where: str, why: str = ""):
+    """``(difference, reloaded)``: the model ``hf:`` loads from ``folder`` and its largest
+    output difference from ``model`` on a validation batch; StageFailed naming ``where`` (and
+    ``why``, the hint's start) where it exceeds ``tolerance``."""
+    inputs = ctx.data.example_input(8, ctx.task)
+    reloaded = reload(folder, f"stage '{ctx.name}'")
+    difference = output_difference(model, reloaded, inputs, ctx.task)
+    if not difference <= tolerance:
+        raise StageFailed(
+            f"{where}: the folder {folder} loads back with outputs {difference:.3g} "
+            f"away from the model's (tolerance {tolerance:g})",
+            f"{why}set tolerance: null to keep the folder anyway")
+    return difference, reloaded
+
+
 class HFExport(Stage):
     """Write the Hugging Face model with ``save_pretrained`` into the stage's work folder,
     check that ``hf:`` loads it back with the same outputs, keep it as the ``model``
@@ -128,14 +143,7 @@ class HFExport(Stage):
                          "at full width in the folder")
         metrics = {"folder_bytes": float(size)}
         if p.tolerance is not None:
-            inputs = ctx.data.example_input(8, ctx.task)
-            reloaded = reload(folder, f"stage '{ctx.name}'")
-            difference = output_difference(model, reloaded, inputs, ctx.task)
-            metrics["reload_max_abs_diff"] = difference
-            if not difference <= p.tolerance:
-                raise StageFailed(
-                    f"{WHERE}: the folder {folder} loads back with outputs {difference:.3g} "
-                    f"away from the model's (tolerance {p.tolerance:g})",
-                    "save_pretrained cannot describe this model's shapes to transformers; "
-                    "set tolerance: null to keep the folder anyway")
+            metrics["reload_max_abs_diff"], _ = checked_reload(
+                model, folder, ctx, p.tolerance, WHERE,
+                "save_pretrained cannot describe this model's shapes to transformers; ")
         return StageResult(model, metrics=metrics, artifacts={"model": folder}, notes=notes)
