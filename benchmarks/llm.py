@@ -11,7 +11,8 @@ segments and the same evaluation text:
   loading and evaluation not), with ``--threads`` torch threads.
 
 Calibration: ``--segments`` segments of ``--segment-tokens`` tokens, cut one after another
-from the token stream of data/moby-dick/train.txt (chapters 1-100): never evaluated on.
+from the token stream of data/moby-dick/train.txt (chapters 1-100), after its first
+``--offset`` segments (another sample of the same text): never evaluated on.
 
 Methods, on every decoder Linear (q, k, v, o, gate, up, down in each of the 30 layers;
 embeddings and the tied lm_head left as they are):
@@ -69,15 +70,16 @@ def token_stream(tokenizer, path: Path) -> list[int]:
     return stream(tokenizer, read_lines([path], "utf-8", None, "paths"))
 
 
-def calibration(tokenizer, segments: int, length: int) -> list:
-    """``segments`` (inputs, None) batches of one segment each, cut in order from train.txt."""
+def calibration(tokenizer, segments: int, length: int, offset: int = 0) -> list:
+    """``segments`` (inputs, None) batches of one segment each, cut in order from train.txt
+    after its first ``offset`` segments."""
     import torch
 
     ids = token_stream(tokenizer, TEXT / "train.txt")
-    if len(ids) < segments * length:
-        sys.exit(f"train.txt holds {len(ids)} tokens, fewer than {segments} x {length}")
+    if len(ids) < (offset + segments) * length:
+        sys.exit(f"train.txt holds {len(ids)} tokens, fewer than {offset + segments} x {length}")
     batches = []
-    for i in range(segments):
+    for i in range(offset, offset + segments):
         chunk = torch.tensor(ids[i * length:(i + 1) * length])[None]
         batches.append(({"input_ids": chunk, "attention_mask": torch.ones_like(chunk)}, None))
     return batches
@@ -174,6 +176,8 @@ def main() -> None:
         "rtn-w4", "gptq-w4", "llmc-gptq-w4", "int8-dynamic", "smoothquant-w8a8"])
     parser.add_argument("--segments", type=int, default=8)
     parser.add_argument("--segment-tokens", type=int, default=256)
+    parser.add_argument("--offset", type=int, default=0,
+                        help="calibrate on the segments after the first OFFSET (another sample)")
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
@@ -189,7 +193,7 @@ def main() -> None:
     dense, folder = load_model()
     print(f"SmolLM2-135M loaded from {folder} in {time.perf_counter() - started:.1f} s", flush=True)
     tokenizer = dense.tokenizer
-    batches = calibration(tokenizer, args.segments, args.segment_tokens)
+    batches = calibration(tokenizer, args.segments, args.segment_tokens, args.offset)
     loader = eval_loader(tokenizer, args.eval_tokens, args.window)
     figures: dict[str, dict[str, float]] = {}
     for method in args.methods:

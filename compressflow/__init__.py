@@ -6,6 +6,7 @@ Importing this package imports neither torch nor mlflow.
 
 from compressflow.data import DataContext, DataInfo, DataPath, Dataset, DatasetParams
 from compressflow.errors import CompressflowError, ConfigError, PluginError, StageFailed
+from compressflow.executor import ExecutorOptions, SweepExecutor, SweepJob, VariantOutcome, run_job
 from compressflow.hookspecs import hookimpl
 from compressflow.stage import (
     DataBundle,
@@ -35,6 +36,7 @@ __all__ = [
     "Dataset",
     "DatasetParams",
     "DataSpec",
+    "ExecutorOptions",
     "ModelSource",
     "ModelSpec",
     "OptionalStageRef",
@@ -47,9 +49,13 @@ __all__ = [
     "StageParams",
     "StageRef",
     "StageResult",
+    "SweepExecutor",
+    "SweepJob",
     "Task",
     "TaskMetric",
     "TaskParams",
+    "VariantOutcome",
     "hookimpl",
+    "run_job",
     "__version__",
 ]

@@ -1,7 +1,8 @@
 """The plugin contract of compressflow: every hook a plugin may implement.
 
 With the public types these hooks name (importable from ``compressflow``: Stage,
-StageContext, StageResult, Task, Dataset, DataBundle, DataContext, ModelSource), this is all
+StageContext, StageResult, Task, Dataset, DataBundle, DataContext, ModelSource, and for a
+sweep executor SweepExecutor, SweepJob, ExecutorOptions, VariantOutcome, run_job), this is all
 a plugin author reads; docs/architecture.md shows how a run uses them.
 
 A plugin is a module (or object) with functions marked ``@hookimpl`` whose names are the
@@ -26,6 +27,7 @@ import pluggy
 if TYPE_CHECKING:
     from compressflow.registry import (
         DatasetRegistry,
+        ExecutorRegistry,
         MetricRegistry,
         ModelSourceRegistry,
         StageRegistry,
@@ -127,6 +129,23 @@ def register_tasks(registry: TaskRegistry) -> None:
     A pipeline names one with ``task:``; the default is ``classification``.
 
     :param registry: the task registrar; ``add`` raises if the task's name is taken.
+    """
+
+
+@hookspec
+def register_executors(registry: ExecutorRegistry) -> None:
+    """Add sweep executors: ``registry.add(RayExecutor())``.
+
+    An executor is a :class:`compressflow.executor.SweepExecutor` with a ``name`` (what
+    ``compressflow run --executor NAME`` says) and ``run(jobs, options)``: it runs
+    :func:`compressflow.executor.run_job` on each :class:`~compressflow.executor.SweepJob`
+    wherever it schedules work, gives the jobs stage-key locks that hold across all its
+    workers (so a shared baseline is computed once), and returns one outcome a job.
+    ``options`` carries ``--jobs`` and ``--address``. ``local`` (worker processes) is built
+    in. Import the engine it drives inside ``run``, so that a user without it still loads
+    the plugin and is told what to install.
+
+    :param registry: the executor registrar; ``add`` raises if the name is taken.
     """
 
 

@@ -24,6 +24,7 @@ from compressflow.errors import PluginError
 from compressflow.registry import (
     Conflict,
     DatasetRegistry,
+    ExecutorRegistry,
     MetricRegistry,
     ModelSourceRegistry,
     Provider,
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
 
 ENTRY_POINT_GROUP = "compressflow"
 REGISTRATION_HOOKS = ("register_stages", "register_model_sources", "register_datasets",
-                      "register_metrics", "register_tasks")
+                      "register_metrics", "register_tasks", "register_executors")
 LIFECYCLE_HOOKS = ("pipeline_start", "stage_start", "stage_progress", "stage_end",
                    "stage_error", "pipeline_end")
 TRUSTED_ONLY_ENV = "COMPRESSFLOW_TRUSTED_ONLY"
@@ -81,6 +82,7 @@ class Plugins:
     datasets: DatasetRegistry = field(default_factory=DatasetRegistry)
     metrics: MetricRegistry = field(default_factory=MetricRegistry)
     tasks: TaskRegistry = field(default_factory=TaskRegistry)
+    executors: ExecutorRegistry = field(default_factory=ExecutorRegistry)
     _warned: set[tuple[str, str, str]] = field(default_factory=set, init=False, repr=False)
 
     def _drop_unknown_hooks(self, values: dict[str, str]) -> None:
@@ -102,7 +104,8 @@ class Plugins:
 
     def _register_all(self) -> None:
         """Call each register_* hook plugin by plugin, so entries know their provider."""
-        registries = (self.stages, self.model_sources, self.datasets, self.metrics, self.tasks)
+        registries = (self.stages, self.model_sources, self.datasets, self.metrics, self.tasks,
+                      self.executors)
         for hook_name, registry in zip(REGISTRATION_HOOKS, registries):
             for impl in getattr(self.pm.hook, hook_name).get_hookimpls():  # registration order
                 provider = self.providers.get(impl.plugin_name, Provider(impl.plugin_name))

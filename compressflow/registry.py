@@ -120,6 +120,33 @@ class DatasetRegistry(Registry[Any]):
         super().add(name, value)
 
 
+class ExecutorRegistry(Registry[Any]):
+    """Sweep executors (:class:`compressflow.executor.SweepExecutor` instances) by ``name``;
+    ``local`` is built in."""
+
+    what = "executor"
+
+    def __init__(self) -> None:
+        from compressflow.executor import LocalExecutor
+
+        super().__init__()
+        self.current_provider = Provider("compressflow", "compressflow")
+        self.add(LocalExecutor())
+        self.current_provider = UNKNOWN_PROVIDER
+
+    def add(self, executor: Any) -> None:  # type: ignore[override]
+        """Register a SweepExecutor instance (or subclass) under its ``name``."""
+        from compressflow.executor import SweepExecutor
+
+        if isinstance(executor, type) and issubclass(executor, SweepExecutor):
+            executor = executor()
+        if not isinstance(executor, SweepExecutor) or not executor.name:
+            raise PluginError(
+                f"{self.current_provider} registered {executor!r} as an executor",
+                "register_executors takes SweepExecutor instances with a name")
+        super().add(executor.name, executor)
+
+
 class TaskRegistry(Registry[Any]):
     """Task classes (subclasses of :class:`compressflow.task.Task`) by their ``name``."""
 

@@ -69,7 +69,8 @@ def _fields(params_class: Any) -> dict[str, Any]:
 
 
 def plugin_listing(plugins: Plugins) -> dict[str, Any]:
-    """Every stage (with its params and defaults), source, dataset and metric, by provider."""
+    """Every stage (with its params and defaults), source, dataset, metric and sweep
+    executor, by provider."""
     stages = []
     for (kind, method), stage_class in sorted(plugins.stages.stages.items()):
         provider = plugins.stages.providers[(kind, method)]
@@ -97,8 +98,12 @@ def plugin_listing(plugins: Plugins) -> dict[str, Any]:
         entry["metrics"] = {n: {"higher_is_better": m.higher_is_better, "description": m.description}
                             for n, m in task.metrics.items()}
         entry["default_metric"] = task.default_metric
+    executors = named(plugins.executors)
+    for entry in executors:
+        entry["description"] = plugins.executors.get(entry["name"]).description
     return {"stages": stages, "model_sources": named(plugins.model_sources),
             "datasets": datasets, "tasks": tasks, "metrics": named(plugins.metrics),
+            "executors": executors,
             "broken": [b.__dict__ for b in plugins.broken]}
 
 

@@ -3,22 +3,26 @@
 Every variant is validated before the first one runs. Variants run with stage reuse: a
 stage whose key (its input, params, plugin version, data, seed) another variant already
 logged is taken from that run, so a 3x2 sweep over prune and quantize trains its baseline
-once. With ``jobs > 1`` variants run in worker processes; a file lock per stage key makes
-each shared stage computed once, whoever gets there first.
+once. Variants run one after another in this process, or on an executor
+(:mod:`compressflow.executor`: ``--jobs N`` worker processes, or a plugin's, such as Ray);
+a lock per stage key, held across the executor's workers, makes each shared stage computed
+once, whoever gets there first.
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
+import os
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from compressflow.config import load_pipeline
 from compressflow.engine import Plan, validate
 from compressflow.errors import CompressflowError, ConfigError
+from compressflow.executor import (ExecutorOptions, FileLocks, LocalExecutor, SweepExecutor,
+                                   SweepJob, VariantOutcome, run_job)
 from compressflow.plugins import Plugins
 from compressflow.tracking import Tag
 
@@ -35,18 +39,6 @@ class Variant:
     def label(self) -> str:
         """``sparsity=0.7, method=fake-quant``: the last part of each path and its value."""
         return ", ".join(f"{path.split('.')[-1]}={value}" for path, value in self.values.items())
-
-
-@dataclass
-class VariantOutcome:
-    """How a variant ended: FINISHED, GATE_FAILED or FAILED, with its parent run."""
-
-    variant: int
-    status: str
-    run_id: str | None = None
-    reused: list[str] = field(default_factory=list)
-    computed: list[str] = field(default_factory=list)
-    message: str = ""
 
 
 def expand(sweep: dict[str, Any], place: str) -> list[dict[str, Any]]:
@@ -103,88 +95,32 @@ def reuse_plan(variants: list[Variant], logged: set[str]) -> list[list[str]]:
     return fates
 
 
-@contextlib.contextmanager
-def file_lock(folder: Path, key: str) -> Iterator[None]:
-    """An exclusive lock on ``folder/key.lock`` (held across processes)."""
-    import fcntl
-
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / f"{key}.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def new_sweep_id() -> str:
     """A short id tagging every run of one sweep."""
     return uuid.uuid4().hex[:10]
 
 
-@dataclass
-class SweepJob:
-    """What a worker needs to run one variant (picklable: plans are rebuilt in the worker)."""
-
-    path: str
-    overrides: list[Any]
-    index: int
-    values: dict[str, Any]
-    uri: str
-    experiment: str
-    sweep_id: str
-    lock_dir: str
-
-
-def _run_job(job: SweepJob, variant: Variant | None = None) -> VariantOutcome:
-    from compressflow.gates import GateFailed
-    from compressflow.plugins import load_plugins
-    from compressflow.runner import PipelineRunner
-
-    if variant is None:  # in a worker process: its own plugins, the same validation
-        plan = validate(job.path, [*job.overrides, *job.values.items()], load_plugins())
-        variant = Variant(job.index, job.values, plan)
-    runner = PipelineRunner(
-        variant.plan, job.uri, job.experiment, reuse=True,
-        lock=lambda key: file_lock(Path(job.lock_dir), key),
-        tags={Tag.SWEEP_ID: job.sweep_id, Tag.VARIANT: str(job.index)},
-        params={f"sweep.{path}": value for path, value in job.values.items()},
-        register=False, run_name=f"{variant.plan.spec.name} [{variant.label}]")
-    outcome = VariantOutcome(job.index, "FINISHED")
-    try:
-        runner.run()
-    except GateFailed as error:
-        outcome.status, outcome.message = "GATE_FAILED", error.message
-    except CompressflowError as error:
-        outcome.status, outcome.message = "FAILED", error.message
-    finally:
-        runner.cleanup()
-    outcome.run_id = runner.ctx.run_id
-    outcome.reused = list(runner.reused)
-    outcome.computed = [name for name in runner.ctx.results if name not in runner.reused]
-    return outcome
-
-
 def run_variants(variants: list[Variant], path: str | Path, overrides: list[str], uri: str,
-                 experiment: str, jobs: int = 1) -> tuple[str, list[VariantOutcome]]:
-    """Run every variant (``jobs`` at a time); returns the sweep id and each outcome."""
-    import tempfile
-
+                 experiment: str, executor: SweepExecutor | None = None,
+                 options: ExecutorOptions | None = None) -> tuple[str, list[VariantOutcome]]:
+    """Run every variant on ``executor`` (default: local, one at a time); returns the sweep
+    id and each outcome, in the variants' order."""
+    from compressflow.plugins import TRUSTED_ONLY_ENV
     from compressflow.tracking import Tracker
 
     # the store and experiment exist before any worker starts
     Tracker(uri, experiment, artifacts=variants[0].plan.spec.tracking.artifacts)
     sweep_id = new_sweep_id()
-    lock_dir = tempfile.mkdtemp(prefix=f"compressflow-sweep-{sweep_id}-")
-    job_list = [SweepJob(str(path), list(overrides), v.index, v.values, uri, experiment, sweep_id,
-                         lock_dir) for v in variants]
-    if jobs <= 1:
-        return sweep_id, [_run_job(job, variant) for job, variant in zip(job_list, variants)]
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    environment = {k: v for k, v in os.environ.items() if k == TRUSTED_ONLY_ENV}
+    jobs = [SweepJob(str(Path(path).resolve()), list(overrides), v.index, v.values, uri,
+                     experiment, sweep_id, environment=environment) for v in variants]
+    executor, options = executor or LocalExecutor(), options or ExecutorOptions()
+    if isinstance(executor, LocalExecutor) and options.jobs <= 1:  # plans already validated here
+        import tempfile
 
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return sweep_id, list(pool.map(_run_job, job_list))
+        locks = FileLocks(tempfile.mkdtemp(prefix=f"compressflow-sweep-{sweep_id}-"))
+        return sweep_id, [run_job(job.with_locks(locks), v.plan) for job, v in zip(jobs, variants)]
+    return sweep_id, executor.run(jobs, options)
 
 
 def summarize(variants: list[Variant], sweep_id: str, uri: str, experiment: str) -> dict[str, Any]:

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import TYPE_CHECKING, Any, Callable, Literal
+import time
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal
 
 from pydantic import Field
 
+from compressflow.distributed import DistributedSpec
 from compressflow.errors import CompressflowError
 from compressflow.stage import StageParams
 
@@ -41,6 +43,9 @@ class TrainParams(StageParams):
     dropout: bool = Field(
         True, description="false: every dropout layer passes its input through while training "
         "(a student copying a teacher on little data learns the teacher's function faster)")
+    distributed: DistributedSpec | None = Field(
+        None, description="train in nproc processes with DistributedDataParallel (torchrun's "
+        "launcher, gloo on CPU); the pipeline's batch_size stays the global batch")
 
 
 class Diverged(CompressflowError):
@@ -114,38 +119,68 @@ def fit(
     """Train ``model`` in place for ``params.epochs``; returns each epoch's figures.
 
     Every epoch logs ``train_loss`` and the validation figures (``val_<metric>``) with
-    ``step_offset`` + the epoch as step, and reports progress. ``extra_modules`` are trained
-    alongside (a distillation projection, say). ``freeze_zeros`` keeps every zero weight at
-    zero. ``after_step(model)`` runs after every optimizer step (re-tying shared weights,
-    say); a stage that trains several times passes ``step_offset`` so its curves continue.
+    ``step_offset`` + the epoch as step, and reports progress; the end logs
+    ``train_samples_per_s`` and ``train_processes``. ``extra_modules`` are trained alongside
+    (a distillation projection, say). ``freeze_zeros`` keeps every zero weight at zero.
+    ``after_step(model)`` runs after every optimizer step (re-tying shared weights, say); a
+    stage that trains several times passes ``step_offset`` so its curves continue. With
+    ``params.distributed`` (nproc > 1) the epochs run in that many processes
+    (:mod:`compressflow.distributed`), and this process logs rank 0's figures.
     """
     import torch
 
     torch.manual_seed(ctx.seed)
     loss_fn = loss_fn or task_loss(ctx)
-    trained = torch.nn.ModuleList([model, *extra_modules])
-    optimizer = _optimizer(trained, params)
-    steps_per_epoch = max(1, len(data.train))
-    total_steps = params.epochs * steps_per_epoch
-    scheduler = None
-    if params.schedule == "cosine" and total_steps:
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps))
-        )
     masks = zero_masks(model) if freeze_zeros else {}
-    history = []
-    with _dropout_off(trained, not params.dropout):
-        for epoch in range(1, params.epochs + 1):
-            trained.train()
-            figures = {"train_loss": _epoch(model, data, ctx, optimizer, scheduler, loss_fn,
-                                            lambda: _after(model, masks, after_step),
-                                            lambda step, value: Diverged(epoch, step, value, params))}
-            figures.update({f"val_{k}": v for k, v in ctx.evaluate(model).items()})
-            ctx.log_metrics(figures, step_offset + epoch)
-            ctx.progress(epoch, params.epochs, figures)
-            history.append(figures)
+    loop = _Loop(model, list(extra_modules), params, ctx, loss_fn, lambda: _after(model, masks, after_step))
+    history: list[dict[str, float]] = []
+
+    def record(figures: dict[str, float]) -> None:
+        history.append(figures)
+        ctx.log_metrics(figures, step_offset + len(history))
+        ctx.progress(len(history), params.epochs, figures)
+
+    spec = params.distributed
+    if spec is not None and spec.nproc > 1:  # logged once the ranks are done
+        ranks_history, samples, seconds = _fit_ranks(loop, data, spec)
+        for figures in ranks_history:
+            record(figures)
+    else:  # logged live, epoch by epoch
+        samples, seconds = 0, 0.0
+        for loss, count, took in loop.epochs(data.train):
+            record({"train_loss": loss, **loop.validation()})
+            samples, seconds = samples + count, seconds + took
+    if seconds > 0:
+        ctx.log_metrics({"train_samples_per_s": samples / seconds,
+                         "train_processes": spec.nproc if spec else 1})
     model.eval()
     return history
+
+
+def _fit_ranks(loop: _Loop, data: DataBundle, spec) -> tuple[list[dict[str, float]], int, float]:
+    """``loop``'s epochs in ``spec.nproc`` ranks; rank 0's weights loaded here, its history,
+    the samples trained on and rank 0's training seconds returned."""
+    import torch
+
+    from compressflow import distributed
+
+    def body(group) -> dict:
+        torch.manual_seed(loop.ctx.seed + group.rank)  # each rank its own dropout draws
+        history, samples, seconds = [], 0, 0.0
+        for loss, count, took in loop.epochs(group.loader(data.train, loop.ctx.seed), group):
+            if group.rank == 0:  # the others go on and wait for it at the next step
+                history.append({"train_loss": loss, **loop.validation()})
+            samples, seconds = samples + count, seconds + took
+        modules = [loop.model, *loop.extra]
+        weights = [m.state_dict() for m in modules] if group.rank == 0 else None
+        return {"digest": distributed.digest(modules), "weights": weights, "history": history,
+                "samples": samples, "seconds": seconds}
+
+    results = distributed.launch(body, spec)
+    distributed.check_identical(results)
+    for module, state in zip([loop.model, *loop.extra], results[0]["weights"]):
+        module.load_state_dict(state)
+    return results[0]["history"], results[0]["samples"], results[0]["seconds"]
 
 
 def _after(model, masks, after_step) -> None:
@@ -155,28 +190,69 @@ def _after(model, masks, after_step) -> None:
         after_step(model)
 
 
-def _epoch(model, data, ctx, optimizer, scheduler, loss_fn, after, diverged) -> float:
-    """One pass over the training split; the mean loss per sample."""
-    from compressflow.task import batch_len
+class _Loop:
+    """The epochs of one :func:`fit`: the optimizer, the schedule and the steps, in this
+    process or in one rank of several."""
 
-    task = ctx.task
-    running, seen = 0.0, 0
-    for step, batch in enumerate(data.train, 1):
-        inputs, targets = task.split(batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(task.predict(model, inputs), targets, inputs)
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise diverged(step, value)
-        loss.backward()
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        after()
-        count = batch_len(inputs)
-        running += value * count
-        seen += count
-    return running / max(seen, 1)
+    def __init__(self, model, extra, params: TrainParams, ctx, loss_fn, after) -> None:
+        self.model, self.extra, self.params, self.ctx = model, extra, params, ctx
+        self.loss_fn, self.after = loss_fn, after
+
+    def validation(self) -> dict[str, float]:
+        """The model's figures on the validation split, as ``val_<metric>``."""
+        return {f"val_{k}": v for k, v in self.ctx.evaluate(self.model).items()}
+
+    def epochs(self, loader, group=None) -> Iterator[tuple[float, int, float]]:
+        """Train epoch by epoch; yields each one's mean loss per sample, the samples it
+        trained on and its seconds (over every rank with ``group``)."""
+        import torch
+
+        params = self.params
+        trained = torch.nn.ModuleList([self.model, *self.extra])
+        optimizer = _optimizer(trained, params)
+        total_steps = params.epochs * max(1, len(loader))
+        scheduler = None
+        if params.schedule == "cosine" and total_steps:
+            scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps)))
+        forward = group.wrap(self.model) if group else self.model
+        with _dropout_off(trained, not params.dropout):
+            for epoch in range(1, params.epochs + 1):
+                if group is not None:
+                    loader.sampler.set_epoch(epoch)
+                trained.train()
+                forward.train()
+                started = time.perf_counter()
+                running, seen = self._epoch(epoch, forward, loader, optimizer, scheduler, group)
+                took = time.perf_counter() - started
+                if group is not None:
+                    running, seen = group.sum(running, seen)
+                yield running / max(seen, 1), int(seen), took
+
+    def _epoch(self, epoch, forward, loader, optimizer, scheduler, group) -> tuple[float, int]:
+        """One pass over ``loader``: the loss summed over samples, and the samples."""
+        from compressflow.task import batch_len
+
+        task = self.ctx.task
+        running, seen = 0.0, 0
+        for step, batch in enumerate(loader, 1):
+            inputs, targets = task.split(batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss = self.loss_fn(task.predict(forward, inputs), targets, inputs)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise Diverged(epoch, step, value, self.params)
+            loss.backward()
+            if group is not None:
+                group.average_grads(self.extra)
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            self.after()
+            count = batch_len(inputs)
+            running += value * count
+            seen += count
+        return running, seen
 
 
 def task_loss(ctx: StageContext) -> LossFn:

@@ -1,5 +1,6 @@
-"""Real servers for tests and benchmarks: a private PostgreSQL cluster and an ``mlflow server``
-over it, each on a free loopback port, stopped when the ``with`` block ends.
+"""Real servers for tests and benchmarks: a private PostgreSQL cluster, an ``mlflow server``
+over it, and a Ray cluster, each on a free loopback port, stopped when the ``with`` block
+ends.
 
 PostgreSQL comes from Debian's ``postgresql`` package (``.ci/run`` installs it); its initdb
 refuses to run as root, so as root the cluster is made and run by the ``postgres`` user.
@@ -122,3 +123,24 @@ def _wait_healthy(url: str, process: subprocess.Popen, timeout: float, log: str)
                     return
         time.sleep(0.5)
     raise RuntimeError(f"mlflow server at {url} did not answer /health in {timeout:.0f} s")
+
+
+@contextlib.contextmanager
+def ray_cluster(num_cpus: int = 2) -> Iterator[str]:
+    """A Ray head node of ``num_cpus`` CPUs started by ``ray start`` (as a team starts one,
+    apart from any driver, with Ray's token authentication); yields its address,
+    ``127.0.0.1:PORT``. A driver joins it with ``RAY_AUTH_MODE=token``."""
+    ray = Path(sys.executable).parent / "ray"
+    port = free_port()
+    # Ray's unix sockets live under the temp folder, and their paths must stay short
+    folder = tempfile.mkdtemp(prefix="cfray-", dir="/tmp")
+    environment = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    subprocess.run([str(ray), "start", "--head", f"--num-cpus={num_cpus}", f"--port={port}",
+                    "--include-dashboard=false",
+                    "--object-store-memory=100000000", f"--temp-dir={folder}", "--disable-usage-stats"],
+                   check=True, capture_output=True, env=environment, timeout=120)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        subprocess.run([str(ray), "stop", "--force"], capture_output=True, env=environment, timeout=120)
+        shutil.rmtree(folder, ignore_errors=True)

@@ -114,7 +114,8 @@ def print_summary(ctx) -> None:
 
 
 def print_plugins(listing: dict) -> None:
-    """Stages (with params and defaults), then sources, datasets, metrics, broken plugins."""
+    """Stages (with params and defaults), then sources, metrics, executors, tasks, datasets,
+    broken plugins and conflicts."""
     table = Table(title="stages")
     for column in ("kind/method", "provided by", "params (default)"):
         table.add_column(column, overflow="fold")
@@ -125,7 +126,7 @@ def print_plugins(listing: dict) -> None:
         table.add_row(f"{stage['kind']}/{stage['method']}{default}",
                       f"{stage['plugin']}: {stage['distribution']} {stage['version']}", params)
     console.print(table)
-    for section in ("model_sources", "metrics"):
+    for section in ("model_sources", "metrics", "executors"):
         names = ", ".join(f"{e['name']} ({e['distribution']})" for e in listing[section]) or "none"
         console.print(f"[bold]{section.replace('_', ' ')}[/]: {names}")
     tasks = Table(title="tasks")

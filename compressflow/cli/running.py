@@ -57,6 +57,12 @@ def run(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and show the plan; run nothing.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars; the summary only.")] = False,
     jobs: Annotated[int, typer.Option(min=1, help="Sweep variants run in this many processes.")] = 1,
+    executor: Annotated[str, typer.Option(
+        help="Where sweep variants run: local (this machine), or an executor a plugin adds "
+        "(ray: `pip install compressflow[ray]`); `compressflow plugins` lists them.")] = "local",
+    address: Annotated[Optional[str], typer.Option(
+        help="The executor's cluster (ray: auto, HOST:6379 or ray://HOST:10001; default: a "
+        "local one).")] = None,
     reuse: Annotated[Optional[bool], typer.Option(
         "--reuse/--no-reuse", help="Take stages already logged with the same key from the store "
         "(default: on for sweeps, off otherwise).")] = None,
@@ -89,10 +95,16 @@ def run(
     overrides = set_ or []
     if load_pipeline(pipeline, overrides).spec.sweep:
         from compressflow.cli.sweeping import run_sweep
+        from compressflow.executor import ExecutorOptions
 
-        run_sweep(pipeline, overrides, plugins, experiment, tracking_uri, dry_run, quiet, jobs,
-                  True if reuse is None or resume else reuse)
+        run_sweep(pipeline, overrides, plugins, experiment, tracking_uri, dry_run, quiet,
+                  (executor, ExecutorOptions(jobs, address)), True if reuse is None or resume else reuse)
         return
+    if executor != "local" or address:
+        from compressflow.errors import ConfigError
+
+        raise ConfigError(f"--executor {executor} and --address run sweep variants; {pipeline} has no sweep:",
+                          "add a sweep: section, or leave both options out")
     plan = validate_plan(pipeline, overrides, plugins)
     if dry_run:
         print_plan(plan)

@@ -10,14 +10,17 @@ from rich.table import Table
 from compressflow.cli.output import console, reuse_caveat
 
 
-def run_sweep(pipeline, overrides, plugins, experiment, tracking_uri, dry_run, quiet, jobs, reuse) -> None:
-    """Validate every variant, show or run them, then print the comparison."""
+def run_sweep(pipeline, overrides, plugins, experiment, tracking_uri, dry_run, quiet, on, reuse) -> None:
+    """Validate every variant, show or run them (``on``: the executor's name and options),
+    then print the comparison."""
     from compressflow import sweep
     from compressflow.gates import GateFailed
     from compressflow.errors import StageFailed
     from compressflow.store import check_uri
     from compressflow.tracking import DEFAULT_URI
 
+    name, options = on
+    executor = plugins.executors.get(name, "--executor")
     variants = sweep.plan_variants(pipeline, overrides, plugins)
     spec = variants[0].plan.spec
     uri = tracking_uri or spec.tracking.uri or DEFAULT_URI
@@ -34,7 +37,7 @@ def run_sweep(pipeline, overrides, plugins, experiment, tracking_uri, dry_run, q
         return
     if not reuse:
         raise_no_reuse()
-    sweep_id, outcomes = sweep.run_variants(variants, pipeline, overrides, uri, experiment, jobs)
+    sweep_id, outcomes = sweep.run_variants(variants, pipeline, overrides, uri, experiment, executor, options)
     for outcome in outcomes:
         if not quiet:
             console.print(f"variant {outcome.variant}: {outcome.status}  computed: "
@@ -44,6 +47,9 @@ def run_sweep(pipeline, overrides, plugins, experiment, tracking_uri, dry_run, q
     summary = sweep.summarize(variants, sweep_id, uri, experiment)
     _print_comparison(summary, spec.evaluation.metric, sweep_id)
     statuses = {o.status for o in outcomes}
+    if "KILLED" in statuses:  # the executor lost a worker, or cancelled it
+        raise StageFailed(f"sweep {sweep_id}: a variant was killed", "see the messages above; "
+                          "`compressflow run` again reuses every stage that finished")
     if "FAILED" in statuses:
         raise StageFailed(f"sweep {sweep_id}: a variant failed", "see the messages above; the other variants are logged")
     if statuses == {"GATE_FAILED"}:

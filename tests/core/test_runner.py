@@ -22,7 +22,7 @@ STAGES = [
     {"name": "cut", "prune": {"method": "magnitude", "sparsity": 0.5, "schedule": "gradual",
                               "steps": 2, "finetune_epochs": 1}},
 ]
-TIMED = ("latency", "speedup")  # wall-clock figures: measured again, never equal
+TIMED = ("latency", "speedup", "samples_per_s")  # wall-clock figures: measured again, never equal
 
 
 def _runs(store: str) -> tuple[list, list]:

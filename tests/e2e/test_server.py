@@ -84,7 +84,7 @@ def test_a_server_that_goes_away_fails_the_run_clearly_and_resume_finishes_it(tm
     import mlflow
 
     stages = [{"name": "baseline", "train": {"epochs": 2, "lr": 0.01}},
-              {"name": "slow", "finetune": {"epochs": 150}},  # still training when the server stops
+              {"name": "slow", "finetune": {"epochs": 90}},  # still training when the server stops
               {"name": "pruned", "prune": {"sparsity": 0.5}}]
     path = write_pipeline(tmp_path, stages, name="outage", measure={"latency": False})
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
