@@ -1,15 +1,23 @@
 """Overhead of compressflow over the same work written as a plain PyTorch script.
 
-Measures pipelines/quickstart.yaml (train MLP 64-300-100-10 on digits, distill 64-128-10,
-prune 80%, finetune, int8; accuracy after each stage) run by compressflow (engine.validate +
-PipelineRunner, fresh temp sqlite MLflow store, models logged) against plain_work() below, the
-same work as a plain PyTorch script. Variants with tracking.log_models / measure.latency off
+Measures a pipeline run by compressflow (engine.validate + PipelineRunner, fresh temp sqlite
+MLflow store, models logged) against the same work as a plain PyTorch script, for
+``--pipeline``:
+
+- ``quickstart``: pipelines/quickstart.yaml (train MLP 64-300-100-10 on digits, distill
+  64-128-10, prune 80%, finetune, int8; accuracy after each stage) against plain_work()
+  below: seconds of work, so the fixed costs show;
+- ``lenet300``: pipelines/deep-compression-mnist-lenet300.yaml (LeNet-300-100 on MNIST: 20
+  epochs, gradual pruning, 15 epochs, 5-bit k-means, the packed file) against
+  benchmarks/plain_lenet300.py: minutes of real work (``make data`` first).
+ Variants with tracking.log_models / measure.latency off
 show what those cost; the full run is instrumented (wrapped functions) to show where time goes.
 Each run is a fresh subprocess (imports are part of what a user waits for); variants alternate,
 rotating, so drift and other load hit all alike. wall: subprocess start to exit; work: after
 imports; cpu: the child's user+sys seconds, less swayed by other load (more so with --threads 1).
 
     .venv/bin/python benchmarks/overhead.py      # 2 repeats; --repeats 3 --variants plain,compressflow
+    .venv/bin/python benchmarks/overhead.py --pipeline lenet300 --variants plain,compressflow
 
 Goal: compressflow / plain <= 1.15 (median wall) with MLflow logging on. Never asserts.
 """
@@ -28,7 +36,9 @@ import tempfile
 import time
 from pathlib import Path
 
-PIPELINE = Path(__file__).resolve().parent.parent / "pipelines" / "quickstart.yaml"
+REPO = Path(__file__).resolve().parent.parent
+PIPELINES = {"quickstart": REPO / "pipelines" / "quickstart.yaml",
+             "lenet300": REPO / "pipelines" / "deep-compression-mnist-lenet300.yaml"}
 VARIANTS = {  # name -> overrides (None: the plain script)
     "plain": None,
     "compressflow": [],
@@ -137,7 +147,7 @@ def _timed(owner, name: str, parts: dict[str, float], label: str) -> None:
     setattr(owner, name, wrapper)
 
 
-def compressflow_work(overrides: list[str], uri: str, parts: dict[str, float]) -> dict[str, float]:
+def compressflow_work(pipeline: Path, overrides: list[str], uri: str, parts: dict[str, float]) -> dict[str, float]:
     """validate + PipelineRunner.run with leaf costs timed into ``parts``; stage accuracies."""
     from compressflow import engine, measuring, provenance, runner, summary, tracking
 
@@ -157,39 +167,47 @@ def compressflow_work(overrides: list[str], uri: str, parts: dict[str, float]) -
     _timed(measuring.Measurer, "figures", parts, "measure (size, MACs, latency)")
     _timed(measuring.Evaluator, "__call__", parts, "evaluate (after every stage and epoch)")
     _timed(provenance, "git_commit", parts, "git rev-parse")
-    _timed(summary, "stage_chart", parts, "summary chart (matplotlib)")
+    _timed(summary, "stage_chart", parts, "summary chart (SVG)")
     start = time.perf_counter()
-    plan = engine.validate(PIPELINE, overrides)
+    plan = engine.validate(pipeline, overrides)
     parts["validate + load plugins"] = time.perf_counter() - start
     ctx = runner.PipelineRunner(plan, tracking_uri=uri).run()
     return {name: r.metrics["accuracy"] for name, r in ctx.results.items() if name != "input"}
 
 
-def worker(variant: str) -> None:
+def worker(variant: str, pipeline: str) -> None:
     """One measured run in this (fresh) process; prints a JSON line for the parent."""
     start, parts = time.perf_counter(), {}
     if VARIANTS[variant] is None:
         import sklearn.model_selection  # noqa: F401
         import torch  # noqa: F401
         imported = time.perf_counter()
-        acc = plain_work()
+        if pipeline == "lenet300":
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            from plain_lenet300 import plain_work as plain_lenet300
+
+            acc = plain_lenet300()
+        else:
+            acc = plain_work()
     else:
         import compressflow.engine  # noqa: F401
         import compressflow.runner  # noqa: F401  (imports torch, through compressflow.measure)
         imported = time.perf_counter()
-        acc = compressflow_work(VARIANTS[variant], f"sqlite:///{Path.cwd() / 'mlflow.db'}", parts)
+        acc = compressflow_work(PIPELINES[pipeline], VARIANTS[variant],
+                                f"sqlite:///{Path.cwd() / 'mlflow.db'}", parts)
     print(json.dumps({"import_s": imported - start, "work_s": time.perf_counter() - imported,
                       "accuracy": acc, "parts": parts}))
 
 
-def run_once(variant: str, threads: int | None) -> dict:
+def run_once(variant: str, threads: int | None, pipeline: str) -> dict:
     """Run ``variant`` in a fresh subprocess inside a temp folder; its figures, wall and CPU s."""
     folder = tempfile.mkdtemp(prefix="cf-bench-")
     env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     try:
         cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
-        done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", variant],
+        done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", variant,
+                               "--pipeline", pipeline],
                               cwd=folder, capture_output=True, text=True, env=env)
         wall = time.perf_counter() - start
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -247,18 +265,19 @@ def main() -> None:
                         help="comma-separated, from: " + ", ".join(VARIANTS))
     parser.add_argument("--threads", type=int, default=None,
                         help="OMP_NUM_THREADS for every run (default: torch's own choice)")
+    parser.add_argument("--pipeline", choices=list(PIPELINES), default="quickstart")
     parser.add_argument("--worker", choices=list(VARIANTS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        return worker(args.worker)
+        return worker(args.worker, args.pipeline)
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, load avg "
           f"{os.getloadavg()[0]:.2f}, MLFLOW_DISABLE_TELEMETRY="
           f"{os.environ.get('MLFLOW_DISABLE_TELEMETRY', '(unset)')}, threads "
-          f"{args.threads or 'default'}; fresh subprocess per run, variants alternating")
+          f"{args.threads or 'default'}; {args.pipeline}; fresh subprocess per run, variants alternating")
     runs: dict[str, list[dict]] = {v.strip(): [] for v in args.variants.split(",")}
     for repeat in range(args.repeats):  # rotate the order: no variant always runs first
         for variant in [*runs][repeat % len(runs):] + [*runs][:repeat % len(runs)]:
-            figures = run_once(variant, args.threads)
+            figures = run_once(variant, args.threads, args.pipeline)
             runs[variant].append(figures)
             print(f"  repeat {repeat + 1}/{args.repeats}  {variant:<20} wall {figures['wall_s']:6.2f} s"
                   f"  cpu {figures['cpu_s']:6.2f} s  (imports {figures['import_s']:.2f}, work "

@@ -47,7 +47,7 @@ def log_summary(tracker: Tracker, ctx: PipelineContext, metric: str, workdir: Pa
         return
     tracker.log_text(json.dumps(ctx.summary, indent=2), "summary.json")
     tracker.log_text(summary_markdown(ctx.summary), "summary.md")
-    tracker.log_file(stage_chart(ctx.summary, metric, ctx.spec.name, workdir / "stages.png"))
+    tracker.log_file(stage_chart(ctx.summary, metric, ctx.spec.name, workdir / "stages.svg"))
     final = {k: v for k, v in ctx.summary[-1].items()
              if isinstance(v, (int, float)) and not isinstance(v, bool)}
     tracker.log_metrics(final)

@@ -58,6 +58,15 @@ def _http_env():
             os.environ[name] = value
 
 
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch) -> Path:
+    """An empty compressflow cache (this process and its children): the next new store makes
+    MLflow's empty store again, migrations and all."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("COMPRESSFLOW_CACHE", str(cache))
+    return cache
+
+
 def uri_of(path: Path) -> str:
     """The tracking URI of the sqlite file at ``path``."""
     return f"sqlite:///{path}"
@@ -94,7 +103,7 @@ KILL_AT = """
 """
 
 
-def test_a_store_whose_creation_was_killed_opens_again(tmp_path):
+def test_a_store_whose_creation_was_killed_opens_again(tmp_path, fresh_cache):
     path = tmp_path / "mlflow.db"
     child = python(KILL_AT, tmp_path, uri_of(path))
     output = child.communicate(timeout=120)[0]
@@ -106,9 +115,10 @@ def test_a_store_whose_creation_was_killed_opens_again(tmp_path):
     runs = client.search_runs([client.get_experiment_by_name("test").experiment_id])
     assert [r.info.status for r in runs] == ["FINISHED"]
     assert not list(tmp_path.glob(".mlflow.db.*")), "the killed creation's work file stays"
+    assert not list(fresh_cache.glob("stores/.*partial*")), "the killed template's work file stays"
 
 
-def test_ctrl_c_while_creating_a_store_leaves_nothing_and_a_retry_succeeds(tmp_path):
+def test_ctrl_c_while_creating_a_store_leaves_nothing_and_a_retry_succeeds(tmp_path, fresh_cache):
     import sqlalchemy
     from sqlalchemy import event
 
@@ -142,7 +152,7 @@ RACE = """
 """
 
 
-def test_two_processes_creating_one_store_both_log_a_run(tmp_path):
+def test_two_processes_creating_one_store_both_log_a_run(tmp_path, fresh_cache):
     path = tmp_path / "new" / "mlflow.db"
     children = [python(RACE, tmp_path, uri_of(path), f"ready-{i}") for i in range(2)]
     outputs = [child.communicate(timeout=180)[0] for child in children]
@@ -152,6 +162,34 @@ def test_two_processes_creating_one_store_both_log_a_run(tmp_path):
     client = MlflowClient(uri_of(path))
     runs = client.search_runs([client.get_experiment_by_name("test").experiment_id])
     assert sorted(r.info.run_name for r in runs) == ["ready-0", "ready-1"]
+
+
+def test_a_new_store_is_a_copy_of_mlflows_empty_store_with_its_own_artifacts(tmp_path, fresh_cache):
+    import sqlalchemy
+    from mlflow.tracking import MlflowClient
+    from sqlalchemy import event
+
+    from compressflow.sqlite_store import CURRENT, inspect_sqlite
+
+    first = tmp_path / "a" / "mlflow.db"
+    log_one_run(uri_of(first))  # makes the cached empty store, migrations and all
+    (template,) = fresh_cache.glob("stores/mlflow-*.db")
+    statements = []
+
+    def seen(conn, cursor, statement, *args):
+        statements.append(statement)
+
+    event.listen(sqlalchemy.engine.Engine, "after_cursor_execute", seen)
+    try:
+        second = tmp_path / "b" / "mlflow.db"
+        log_one_run(uri_of(second))
+    finally:
+        event.remove(sqlalchemy.engine.Engine, "after_cursor_execute", seen)
+    assert not [s for s in statements if s.lstrip().upper().startswith(("CREATE TABLE", "ALTER"))]
+    assert inspect_sqlite(second)[0] == CURRENT
+    default = MlflowClient(uri_of(second)).get_experiment("0")
+    assert default.artifact_location == (second.parent / "mlflow.db.artifacts" / "0").as_uri()
+    assert inspect_sqlite(template)[0] == CURRENT
 
 
 def test_a_current_store_opens_without_lock_or_copy(db):
@@ -241,7 +279,7 @@ KILL_IN_MIGRATION = KILL_AT.replace('"display_name" in statement', '"job_locks" 
 def test_an_old_store_is_migrated_whole_even_when_the_migration_is_killed(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from compressflow import store
+    from compressflow import sqlite_store
 
     path = tmp_path / "mlflow.db"
     _old_store(path, _before_table("job_locks"))
@@ -249,16 +287,16 @@ def test_an_old_store_is_migrated_whole_even_when_the_migration_is_killed(tmp_pa
     output = child.communicate(timeout=120)[0]
     assert child.returncode == -signal.SIGKILL, output
     log_one_run(uri_of(path))  # before: the killed migration had left half a schema
-    assert store.inspect_sqlite(path) == (store.CURRENT, _revisions()[0])
+    assert sqlite_store.inspect_sqlite(path) == (sqlite_store.CURRENT, _revisions()[0])
     assert MlflowClient(uri_of(path)).get_experiment_by_name("kept") is not None
 
 
 def test_the_schema_head_read_from_the_scripts_is_alembics():
     from mlflow.store.db.utils import _get_latest_schema_revision
 
-    from compressflow import store
+    from compressflow import sqlite_store
 
-    head, known = store._revisions()
+    head, known = sqlite_store._revisions()
     assert head == _get_latest_schema_revision() and known == set(_revisions())
 
 
