@@ -128,6 +128,8 @@ def loaders(train, val, ctx: DataContext, *, val_batch: int, collate=None, **bun
     import torch
     from torch.utils.data import DataLoader, Subset
 
+    from compressflow_data.batching import in_batches
+
     spec = ctx.spec
     generator = torch.Generator().manual_seed(ctx.seed)
     calibration_size = min(len(train), spec.calibration_batches * spec.batch_size)
@@ -138,7 +140,7 @@ def loaders(train, val, ctx: DataContext, *, val_batch: int, collate=None, **bun
     return DataBundle(
         train=DataLoader(train, batch_size=spec.batch_size, shuffle=True, generator=generator,
                          collate_fn=collate),
-        val=DataLoader(val, batch_size=val_batch, collate_fn=collate),
+        val=in_batches(val, val_batch, collate),
         calibration=DataLoader(calibration, batch_size=spec.batch_size, collate_fn=collate),
         info=info, **bundle)
 

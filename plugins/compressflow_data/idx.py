@@ -163,6 +163,7 @@ def idx_bundle(spec, params, seed: int, input_shape):
 
     from compressflow import DataBundle, DataInfo
     from compressflow.data import file_digest
+    from compressflow_data.batching import in_batches
 
     files = find_idx_files(params.root)
     x_train, y_train, x_test, y_test = load_idx_split(params.root)
@@ -209,11 +210,11 @@ def idx_bundle(spec, params, seed: int, input_shape):
     return DataBundle(
         train=DataLoader(train, batch_size=spec.batch_size, shuffle=True, generator=generator,
                          collate_fn=augment),
-        val=DataLoader(val, batch_size=1000),
+        val=in_batches(val, 1000),
         calibration=DataLoader(Subset(train, calibration_rows.tolist()), batch_size=spec.batch_size),
         num_classes=int(max(y_train.max(), y_test.max())) + 1,
         sample_shape=sample_shape,
-        holdout=DataLoader(tensors(x_hold, y_hold), batch_size=1000) if params.holdout else None,
+        holdout=in_batches(tensors(x_hold, y_hold), 1000) if params.holdout else None,
         info=DataInfo(name=f"idx:{params.root.name}", digest=file_digest(paths), source=str(params.root),
                       splits={"train": len(train), "eval": len(val), "holdout": len(y_hold),
                               "calibration": calibration_size}),
