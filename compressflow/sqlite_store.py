@@ -163,12 +163,19 @@ def _discard(tmp: Path) -> None:
 
 
 def _create(path: Path, root: str) -> None:
-    """A new store: a copy of this MLflow's empty store (:func:`_template`) with its default
-    experiment's artifacts beside the store, written as a work file, renamed into place."""
-    template = _template()
+    """A new store: a copy of this MLflow's empty store (:func:`_template`; made here by
+    MLflow where no cache can be written) with its default experiment's artifacts beside
+    the store, written as a work file, renamed into place."""
+    try:
+        template = _template()
+    except OSError:  # no writable cache (a read-only home): MLflow makes this one itself
+        template = None
     tmp = _partial(path)
     try:
-        shutil.copyfile(template, tmp)
+        if template is None:
+            _migrated(tmp)
+        else:
+            shutil.copyfile(template, tmp)
         with contextlib.closing(sqlite3.connect(tmp)) as db, db:
             db.execute("UPDATE experiments SET artifact_location = ?, creation_time = ?, "
                        "last_update_time = ? WHERE experiment_id = 0",

@@ -192,6 +192,17 @@ def test_a_new_store_is_a_copy_of_mlflows_empty_store_with_its_own_artifacts(tmp
     assert inspect_sqlite(template)[0] == CURRENT
 
 
+def test_without_a_writable_cache_a_new_store_is_made_in_place(tmp_path, monkeypatch):
+    from compressflow.sqlite_store import CURRENT, inspect_sqlite
+
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the cache folder would go")
+    monkeypatch.setenv("COMPRESSFLOW_CACHE", str(blocked))
+    path = tmp_path / "store" / "mlflow.db"
+    log_one_run(uri_of(path))
+    assert inspect_sqlite(path)[0] == CURRENT and blocked.is_file()
+
+
 def test_a_current_store_opens_without_lock_or_copy(db):
     from compressflow import store
 
