@@ -13,6 +13,14 @@ Rank 0 alone evaluates after each epoch; the stage's process, which holds the ML
 logs rank 0's figures and loads rank 0's weights when the ranks are done: no rank writes
 to the store. The workers are forked (Linux), so a stage's own loss (a teacher, a
 projection) reaches them without pickling.
+
+Several machines (``nnodes: M``, ``rdzv_endpoint: HOST:PORT``): the stage's machine hosts
+the rendezvous at HOST:PORT, as torchrun's ``--rdzv-endpoint``, and each other machine runs
+``compressflow join HOST:PORT --nproc N --nnodes M`` (:func:`join`), whose ranks hold no
+stage: once the group is formed, the stage's first rank (the *lead*, which takes rank 0's
+part above; torch orders the machines itself) sends them the whole job, cloudpickled (the
+loop, the model, the loss, the data), so the other machines need compressflow and the
+pipeline's plugins installed, not its files or its store.
 """
 
 from __future__ import annotations
@@ -22,11 +30,12 @@ import hashlib
 import json
 import logging
 import math
+import re
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from compressflow.errors import CompressflowError, ConfigError, StageFailed
 
@@ -34,37 +43,106 @@ if TYPE_CHECKING:
     from torch import nn
 
 
+ENDPOINT = r"^[^\s:]+:[0-9]{1,5}$"
+"""HOST:PORT, as torchrun's --rdzv-endpoint takes it."""
+
+
 class DistributedSpec(BaseModel):
     """``distributed:`` of a training stage."""
 
     model_config = ConfigDict(extra="forbid")
 
-    nproc: int = Field(2, ge=1, le=64, description="processes on this machine (torchrun's "
-                       "--nproc-per-node); 1 trains in the stage's own process")
+    nproc: int = Field(2, ge=1, le=64, description="processes on each machine (torchrun's "
+                       "--nproc-per-node); 1 on one machine trains in the stage's own process")
+    nnodes: int = Field(1, ge=1, le=256, description="machines (torchrun's --nnodes): this one "
+                        "and nnodes - 1 that run `compressflow join RDZV_ENDPOINT`")
+    rdzv_endpoint: str | None = Field(
+        None, pattern=ENDPOINT, description="HOST:PORT at which the other "
+        "machines reach this one, which hosts the rendezvous there (torchrun's "
+        "--rdzv-endpoint); needed with nnodes > 1")
+    join_timeout_s: int = Field(600, ge=1, description="how long every machine has to join")
     backend: Literal["gloo"] = Field(
         "gloo", description="torch.distributed backend: gloo (CPU); nccl is not built yet")
 
+    @model_validator(mode="after")
+    def _endpoint_for_nodes(self):
+        if self.nnodes > 1 and self.rdzv_endpoint is None:
+            raise ValueError("nnodes > 1 needs rdzv_endpoint: HOST:PORT of this machine, where "
+                             "the other machines run `compressflow join HOST:PORT`")
+        return self
+
+    @property
+    def world(self) -> int:
+        """Ranks in the group: nproc on each of nnodes machines."""
+        return self.nproc * self.nnodes
+
 
 def launch(body: Callable[[Any], dict[str, Any]], spec: DistributedSpec) -> list[dict[str, Any]]:
-    """Run ``body(group)`` in ``spec.nproc`` ranks; their results in rank order. ``group``
-    is :class:`Group` (rank, world size, the all-reduce of figures). A rank that raises
-    fails them all: its error is raised here as a StageFailed naming the rank."""
+    """Run ``body(group)`` in ``spec.world`` ranks; the results of this machine's ranks, in
+    rank order. ``group`` is :class:`Group` (rank, world size, the lead, the all-reduce of
+    figures). A rank that raises fails them all: its error is raised here as a StageFailed
+    naming the rank; machines that do not join in time fail the stage too."""
+    endpoint = spec.rdzv_endpoint or f"127.0.0.1:{_free_port()}"
+    run_id = JOINED_RUN if spec.nnodes > 1 else uuid.uuid4().hex
+    return _launch((body, spec.backend, spec.nnodes), spec.nproc, spec.nnodes, endpoint,
+                   run_id=run_id, host=True, timeout=spec.join_timeout_s)
+
+
+def join(endpoint: str, *, nproc: int, nnodes: int, backend: str = "gloo",
+         timeout: int = 600) -> int:
+    """This machine's ``nproc`` ranks in the group a stage hosts at ``endpoint`` (``HOST:PORT``)
+    with ``nnodes`` machines: they wait for it, take the job it sends and train. Returns the
+    ranks served; a rank's failure is a StageFailed, no stage within ``timeout`` s a
+    CompressflowError."""
+    if not re.fullmatch(ENDPOINT, endpoint):
+        raise ConfigError(f"join: {endpoint!r} is not HOST:PORT",
+                          "give the stage's distributed.rdzv_endpoint, e.g. 10.0.0.5:29400")
+    _launch((None, backend, nnodes), nproc, nnodes, endpoint, run_id=JOINED_RUN, host=False,
+            timeout=timeout)
+    return nproc
+
+
+JOINED_RUN = "compressflow"
+"""The rendezvous id of a group over several machines: one that every machine knows."""
+
+
+def _launch(job: tuple[Any, str, int], nproc: int, nnodes: int, endpoint: str, *, run_id: str,
+            host: bool, timeout: int) -> list[dict[str, Any]]:
     import tempfile
 
     import torch
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    threads = max(1, torch.get_num_threads() // spec.nproc)
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=spec.nproc,
-                          run_id=uuid.uuid4().hex, rdzv_backend="c10d",
-                          rdzv_endpoint=f"127.0.0.1:{_free_port()}", max_restarts=0,
-                          monitor_interval=0.1, start_method="fork")
+    threads = max(1, torch.get_num_threads() // nproc)
+    config = LaunchConfig(min_nodes=nnodes, max_nodes=nnodes, nproc_per_node=nproc,
+                          run_id=run_id, rdzv_backend="c10d", rdzv_endpoint=endpoint,
+                          rdzv_configs={"is_host": host, "join_timeout": timeout,
+                                        "read_timeout": timeout},
+                          max_restarts=0, monitor_interval=0.1, start_method="fork")
     with tempfile.TemporaryDirectory(prefix="compressflow-ranks-") as errors, _launcher_quiet():
         try:
-            results = elastic_launch(config, _rank)(body, spec.backend, threads, errors)
+            results = elastic_launch(config, _rank)(*job[:2], threads, errors, job[2])
+        except RendezvousError as error:
+            raise _rendezvous_error(endpoint, nnodes, nproc, timeout, host, error) from None
         except Exception as error:  # ChildFailedError: a rank raised, the others were stopped
-            raise _rank_error(Path(errors), spec.nproc) from error
+            raise _rank_error(Path(errors), nproc * nnodes) from error
     return [results[rank] for rank in sorted(results)]
+
+
+def _rendezvous_error(endpoint: str, nnodes: int, nproc: int, timeout: int, host: bool,
+                      error: Exception) -> CompressflowError:
+    detail = f"{type(error).__name__}: {error}".splitlines()[0]
+    if host:
+        return StageFailed(
+            f"distributed training: the {nnodes} machines did not meet at {endpoint} within "
+            f"{timeout} s ({detail})",
+            f"run `compressflow join {endpoint} --nproc {nproc} --nnodes {nnodes}` on each of "
+            f"the {nnodes - 1} other machine(s), or raise distributed.join_timeout_s")
+    return CompressflowError(
+        f"join: no stage formed a group of {nnodes} machines at {endpoint} within {timeout} s "
+        f"({detail})", "start the pipeline whose stage has distributed.rdzv_endpoint "
+        f"{endpoint}, with the same nproc and nnodes; check that this machine reaches it")
 
 
 @contextlib.contextmanager
@@ -80,7 +158,8 @@ def _launcher_quiet() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _rank(body: Callable[[Any], dict[str, Any]], backend: str, threads: int, errors: str) -> dict[str, Any]:
+def _rank(body: Callable[[Any], dict[str, Any]] | None, backend: str, threads: int, errors: str,
+          nnodes: int) -> dict[str, Any]:
     import torch
     import torch.distributed as dist
 
@@ -88,7 +167,13 @@ def _rank(body: Callable[[Any], dict[str, Any]], backend: str, threads: int, err
     dist.init_process_group(backend)
     rank = dist.get_rank()
     try:
-        return body(Group(rank, dist.get_world_size()))
+        body, lead = _shared_job(body) if nnodes > 1 else (body, 0)
+        result = body(Group(rank, dist.get_world_size(), lead))
+        if isinstance(result, dict) and "digest" in result:  # every rank's, for the check
+            digests: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(digests, result["digest"])
+            result = {**result, "digests": digests}
+        return result
     except BaseException as error:  # told to the stage's process, which raises it
         hint = getattr(error, "hint", "")
         message = error.message if isinstance(error, CompressflowError) else f"{type(error).__name__}: {error}"
@@ -99,15 +184,31 @@ def _rank(body: Callable[[Any], dict[str, Any]], backend: str, threads: int, err
         dist.destroy_process_group()
 
 
+def _shared_job(body: Callable[[Any], dict[str, Any]] | None):
+    """``(body, lead)``: the stage's first rank (the lead) sends its body, cloudpickled, to
+    the ranks of machines that joined without one."""
+    import cloudpickle
+    import torch.distributed as dist
+
+    holders: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(holders, body is not None)
+    if True not in holders:
+        raise CompressflowError("distributed: no machine of the group runs a stage: only "
+                                "`compressflow join` ones met", "start the pipeline on the "
+                                "machine named by rdzv_endpoint")
+    lead = holders.index(True)
+    payload = [cloudpickle.dumps(body) if dist.get_rank() == lead else None]
+    dist.broadcast_object_list(payload, src=lead)
+    return (body if body is not None else cloudpickle.loads(payload[0])), lead
+
+
 def _rank_error(errors: Path, nproc: int) -> StageFailed:
     """The failure to report: a rank's own error (a diverged loss) before the others'
     (their peer gone), the lowest rank first."""
     told = []
-    for rank in range(nproc):
-        path = errors / f"{rank}.json"
-        if path.is_file():
-            error = json.loads(path.read_text())
-            told.append((not error["own"], rank, error))
+    for path in errors.glob("*.json"):  # this machine's ranks, whichever numbers they have
+        error = json.loads(path.read_text())
+        told.append((not error["own"], int(path.stem), error))
     if not told:
         return StageFailed(f"distributed training failed: a rank of {nproc} ended without a word",
                            "run the stage with nproc: 1 to see the error in one process")
@@ -117,10 +218,16 @@ def _rank_error(errors: Path, nproc: int) -> StageFailed:
 
 
 class Group:
-    """One rank's view: its rank, the world size, and sums over every rank."""
+    """One rank's view: its rank, the world size, the lead's rank (the stage's first rank,
+    which evaluates and hands back the weights; 0 on one machine), and sums over every rank."""
 
-    def __init__(self, rank: int, world: int) -> None:
-        self.rank, self.world = rank, world
+    def __init__(self, rank: int, world: int, lead: int = 0) -> None:
+        self.rank, self.world, self.lead = rank, world, lead
+
+    @property
+    def leads(self) -> bool:
+        """Whether this rank is the lead."""
+        return self.rank == self.lead
 
     def sum(self, *values: float) -> list[float]:
         """Each value summed over every rank."""
@@ -179,7 +286,7 @@ def digest(modules: list[nn.Module]) -> str:
 
 def check_identical(results: list[dict[str, Any]]) -> None:
     """Every rank ended with the same weights, or the stage fails naming them."""
-    digests = [r["digest"] for r in results]
+    digests = results[0].get("digests") or [r["digest"] for r in results]
     if len(set(digests)) > 1:
         differing = [rank for rank, d in enumerate(digests) if d != digests[0]]
         raise StageFailed(f"distributed training: rank(s) {differing} ended with weights that "

@@ -124,8 +124,9 @@ def fit(
     (a distillation projection, say). ``freeze_zeros`` keeps every zero weight at zero.
     ``after_step(model)`` runs after every optimizer step (re-tying shared weights, say); a
     stage that trains several times passes ``step_offset`` so its curves continue. With
-    ``params.distributed`` (nproc > 1) the epochs run in that many processes
-    (:mod:`compressflow.distributed`), and this process logs rank 0's figures.
+    ``params.distributed`` (more than one rank) the epochs run in that many processes,
+    on one machine or several (:mod:`compressflow.distributed`), and this process logs
+    the lead rank's figures.
     """
     import torch
 
@@ -141,7 +142,7 @@ def fit(
         ctx.progress(len(history), params.epochs, figures)
 
     spec = params.distributed
-    if spec is not None and spec.nproc > 1:  # logged once the ranks are done
+    if spec is not None and spec.world > 1:  # logged once the ranks are done
         ranks_history, samples, seconds = _fit_ranks(loop, data, spec)
         for figures in ranks_history:
             record(figures)
@@ -152,35 +153,36 @@ def fit(
             samples, seconds = samples + count, seconds + took
     if seconds > 0:
         ctx.log_metrics({"train_samples_per_s": samples / seconds,
-                         "train_processes": spec.nproc if spec else 1})
+                         "train_processes": spec.world if spec else 1})
     model.eval()
     return history
 
 
 def _fit_ranks(loop: _Loop, data: DataBundle, spec) -> tuple[list[dict[str, float]], int, float]:
-    """``loop``'s epochs in ``spec.nproc`` ranks; rank 0's weights loaded here, its history,
-    the samples trained on and rank 0's training seconds returned."""
+    """``loop``'s epochs in ``spec.world`` ranks; the lead's weights loaded here, its
+    history, the samples trained on and the lead's training seconds returned."""
     import torch
 
     from compressflow import distributed
 
     def body(group) -> dict:
-        torch.manual_seed(loop.ctx.seed + group.rank)  # each rank its own dropout draws
+        torch.manual_seed(loop.seed + group.rank)  # each rank its own dropout draws
         history, samples, seconds = [], 0, 0.0
-        for loss, count, took in loop.epochs(group.loader(data.train, loop.ctx.seed), group):
-            if group.rank == 0:  # the others go on and wait for it at the next step
+        for loss, count, took in loop.epochs(group.loader(data.train, loop.seed), group):
+            if group.leads:  # the others go on and wait for it at the next step
                 history.append({"train_loss": loss, **loop.validation()})
             samples, seconds = samples + count, seconds + took
         modules = [loop.model, *loop.extra]
-        weights = [m.state_dict() for m in modules] if group.rank == 0 else None
+        weights = [m.state_dict() for m in modules] if group.leads else None
         return {"digest": distributed.digest(modules), "weights": weights, "history": history,
                 "samples": samples, "seconds": seconds}
 
     results = distributed.launch(body, spec)
     distributed.check_identical(results)
-    for module, state in zip([loop.model, *loop.extra], results[0]["weights"]):
+    lead = next(r for r in results if r["weights"] is not None)  # on this machine
+    for module, state in zip([loop.model, *loop.extra], lead["weights"]):
         module.load_state_dict(state)
-    return results[0]["history"], results[0]["samples"], results[0]["seconds"]
+    return lead["history"], lead["samples"], lead["seconds"]
 
 
 def _after(model, masks, after_step) -> None:
@@ -196,7 +198,13 @@ class _Loop:
 
     def __init__(self, model, extra, params: TrainParams, ctx, loss_fn, after) -> None:
         self.model, self.extra, self.params, self.ctx = model, extra, params, ctx
+        self.task, self.seed = ctx.task, ctx.seed
         self.loss_fn, self.after = loss_fn, after
+
+    def __getstate__(self) -> dict:
+        # sent to other machines' ranks, which never evaluate: the stage's context (its
+        # MLflow run, the runner) stays on the stage's machine
+        return {**self.__dict__, "ctx": None}
 
     def validation(self) -> dict[str, float]:
         """The model's figures on the validation split, as ``val_<metric>``."""
@@ -233,7 +241,7 @@ class _Loop:
         """One pass over ``loader``: the loss summed over samples, and the samples."""
         from compressflow.task import batch_len
 
-        task = self.ctx.task
+        task = self.task
         running, seen = 0.0, 0
         for step, batch in enumerate(loader, 1):
             inputs, targets = task.split(batch)

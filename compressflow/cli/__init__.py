@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import typer
 
-from compressflow.cli import comparing, info, running
+from compressflow.cli import comparing, info, joining, running
 
 app = typer.Typer(
     name="compressflow",
@@ -22,6 +22,7 @@ app.command("plugins")(info.plugins)
 app.command("schema")(info.schema)
 app.command("compare")(comparing.compare)
 app.command("ui")(comparing.ui)
+app.command("join")(joining.join)
 
 
 def main() -> None:

@@ -52,6 +52,10 @@ class DropLayersParams(StageParams):
     layers: int | None = Field(
         None, ge=1, description="keep this many, spread evenly from the first "
         "(layer i * n // layers): 6 -> 3 keeps 0, 2, 4 (DistilBERT's one out of two)")
+    refit: bool = Field(
+        False, description="BERT-style encoders: afterwards, re-solve each kept layer's two "
+        "output projections by least squares on the calibration batches so that it stands in "
+        "for the layers up to the next kept one (structured_prune/heads' refit); no training")
 
     @model_validator(mode="after")
     def _exactly_one(self):
@@ -269,12 +273,49 @@ class DropLayers(Stage):
 
     def run(self, model, ctx):
         """Drop the layers, check a real batch runs, and say which layers stayed."""
+        import copy
+
         total = len(find_layers(model).layers)
         keep = chosen(self.params, total)
+        original = None
+        if self.params.refit:  # refused before anything changes
+            _bert_only(model)
+            original = copy.deepcopy(model)
         stack = drop_layers(model, keep)
-        check_forward(model, stack, keep, ctx.data.example_input(2, ctx.task), ctx.task)
+        example = ctx.data.example_input(2, ctx.task)
+        check_forward(model, stack, keep, example, ctx.task)
         notes = [f"{total} -> {len(keep)} layers (kept {', '.join(map(str, keep))})"]
         if len(keep) == total:
             notes.append("every layer kept: nothing dropped")
-        return StageResult(model, metrics={"layers_kept": len(keep),
-                                           "layers_dropped": total - len(keep)}, notes=notes)
+        metrics = {"layers_kept": len(keep), "layers_dropped": total - len(keep)}
+        if original is not None:
+            metrics.update(refit_kept(model, original, keep, total, ctx))
+            check_forward(model, stack, keep, example, ctx.task)
+            notes.append("each kept layer's output projections refitted by least squares "
+                         "to stand in for the layers up to the next kept one")
+        return StageResult(model, metrics=metrics, notes=notes)
+
+
+def refit_kept(model: nn.Module, original: nn.Module, keep: list[int], total: int,
+               ctx) -> dict[str, float]:
+    """The refit of ``refit: true``: kept layer ``keep[i]``'s attention toward its own, its
+    FFN toward layer ``keep[i + 1] - 1`` (the last: ``total - 1``). Its mean errors before
+    and after, as metrics."""
+    from compressflow_structured.refit import refit_outputs
+
+    ends = [*(k - 1 for k in keep[1:]), total - 1]
+    batches = [ctx.task.split(batch)[0] for batch in ctx.data.calibration]
+    errors = refit_outputs(model, original, batches, ctx.task, sources=list(zip(keep, ends)))
+    return {"refit_error_before": sum(e.before for e in errors) / len(errors),
+            "refit_error_after": sum(e.after for e in errors) / len(errors)}
+
+
+def _bert_only(model: nn.Module) -> None:
+    """ConfigError unless ``model``'s layers are BERT-style ones, which refit re-solves."""
+    from compressflow_structured.transformer_plan import encoder_layers
+
+    try:
+        encoder_layers(model)
+    except ConfigError as error:
+        raise ConfigError(f"{WHERE}: refit: {error.message}",
+                          "refit re-solves BERT-style layers; set refit: false") from None

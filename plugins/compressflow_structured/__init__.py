@@ -119,8 +119,12 @@ class HeadsParams(StageParams):
         "stream on the calibration batches; magnitude: weight norms (no data); taylor: "
         "|w * dL/dw| of the task's loss (vanishes on a model that still equals its reference)")
     calibration_batches: int | None = Field(
-        None, ge=1, description="activation/taylor: at most this many calibration batches "
-        "(default: the whole calibration loader)")
+        None, ge=1, description="activation/taylor/refit: at most this many calibration "
+        "batches (default: the whole calibration loader)")
+    refit: bool = Field(
+        False, description="after removal, re-solve every layer's attention.output.dense and "
+        "output.dense by least squares on the calibration batches, layer by layer, toward the "
+        "unpruned model's pre-LayerNorm sums (Kwon et al. 2022); no training, no labels")
 
 
 class HeadsPrune(Stage):
@@ -137,7 +141,7 @@ class HeadsPrune(Stage):
     there, the FFN still pruned). In a pipeline the model is logged as a pickled module,
     which reloads as it is, at its pruned width.
 
-        - structured_prune: {method: heads, heads: 0.5, ffn: 0.5}
+        - structured_prune: {method: heads, heads: 0.5, ffn: 0.5, refit: true}
         - finetune: {epochs: 3, teacher: input}
     """
 
@@ -149,12 +153,13 @@ class HeadsPrune(Stage):
         from compressflow_structured.transformer import layer_table, prune_heads_and_ffn
 
         params, data = self.params, ctx.data
-        uses_data = params.importance != "magnitude"
+        uses_data = params.importance != "magnitude" or params.refit
         report = prune_heads_and_ffn(
             model, data.example_input(8, ctx.task), heads=params.heads, ffn=params.ffn,
             importance=params.importance, calibration=data.calibration if uses_data else None,
             calibration_batches=params.calibration_batches, task=ctx.task,
-            reference=ctx.reference() if params.importance == "taylor" else None, seed=ctx.seed)
+            reference=ctx.reference() if params.importance == "taylor" else None,
+            refit=params.refit, seed=ctx.seed)
         first = report.layers[0]
         notes = [f"heads {first.heads_before} -> {first.heads_after} per layer, intermediate "
                  f"{first.ffn_before} -> {first.ffn_after}, params {report.params_before:,} -> "
@@ -168,6 +173,10 @@ class HeadsPrune(Stage):
                    "params_removed": report.params_before - report.params_after}
         if report.calibration_samples:
             metrics["calibration_samples"] = report.calibration_samples
+        if report.refit:
+            # the mean relative error of the output projections, as pruned and refitted
+            metrics["refit_error_before"] = sum(e.before for e in report.refit) / len(report.refit)
+            metrics["refit_error_after"] = sum(e.after for e in report.refit) / len(report.refit)
         table = layer_table(report, ctx.workdir / "heads_layers.md")
         return StageResult(model, metrics=metrics, artifacts={"heads_layers": table}, notes=notes)
 

@@ -24,6 +24,7 @@ attention at full width again.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -32,7 +33,8 @@ import torch_pruning as tp
 from torch import nn
 
 from compressflow import ConfigError, StageFailed
-from compressflow.task import Task
+from compressflow.task import Task, batch_len
+from compressflow_structured.refit import RefitError, refit_outputs
 from compressflow_structured.transformer_plan import (
     calibration_for,
     count_params,
@@ -72,6 +74,7 @@ class HeadsReport:
     params_after: int
     calibration_samples: int = 0
     notes: list[str] = field(default_factory=list)
+    refit: list[RefitError] = field(default_factory=list)
 
 
 # --- pruning -------------------------------------------------------------------------------
@@ -85,7 +88,8 @@ _OPEN_SCOPE = 0.5
 def prune_heads_and_ffn(model: nn.Module, example: Any, *, heads: float, ffn: float,
                         importance: str = "magnitude", calibration: Iterable | None = None,
                         calibration_batches: int | None = None, task: Task | None = None,
-                        reference: nn.Module | None = None, seed: int = 0) -> HeadsReport:
+                        reference: nn.Module | None = None, refit: bool = False,
+                        seed: int = 0) -> HeadsReport:
     """Remove ``heads`` of every layer's attention heads and ``ffn`` of its FFN neurons,
     in place; see the module docstring. Returns what changed, layer by layer.
 
@@ -96,6 +100,8 @@ def prune_heads_and_ffn(model: nn.Module, example: Any, *, heads: float, ffn: fl
         task's loss on the calibration batches; see :func:`taylor_gradients`).
     :param calibration: the loader of batches for activation/taylor (``task.split`` reads them).
     :param reference: taylor, tasks judging fidelity: the model whose predictions the loss matches.
+    :param refit: afterwards, re-solve every layer's output projections by least squares on
+        the calibration batches (:func:`compressflow_structured.refit.refit_outputs`).
     """
     from compressflow.task import default_task
 
@@ -108,7 +114,9 @@ def prune_heads_and_ffn(model: nn.Module, example: Any, *, heads: float, ffn: fl
         planned_widths(before["heads"][name], before["ffn"][name], heads, ffn)
     with torch.no_grad():
         expected = task.predict(model, example)
-    batches = calibration_for(importance, calibration, calibration_batches, task)
+    batches = calibration_for("activation" if refit else importance, calibration,
+                              calibration_batches, task)
+    original = copy.deepcopy(model) if refit else None
     samples, scorer = scorer_for(model, layers, importance, batches, task, reference)
     pruner = _pruner(model, layers, example, scorer, heads, ffn)
     try:
@@ -117,8 +125,13 @@ def prune_heads_and_ffn(model: nn.Module, example: Any, *, heads: float, ffn: fl
         model.zero_grad(set_to_none=True)
     widths = _update_modules(model, layers, before, heads, ffn)
     check_forward(model, example, task, tuple(expected.shape))
-    return HeadsReport(widths, before["head_size"], before["hidden"], before["params"],
-                       count_params(model), samples)
+    report = HeadsReport(widths, before["head_size"], before["hidden"], before["params"],
+                         count_params(model), samples)
+    if original is not None:
+        report.refit = refit_outputs(model, original, [inputs for inputs, _ in batches], task)
+        report.calibration_samples = sum(batch_len(inputs) for inputs, _ in batches)
+        check_forward(model, example, task, tuple(expected.shape))
+    return report
 
 
 def _pruner(model: nn.Module, layers: list[tuple[str, nn.Module]], example: Any,
@@ -278,5 +291,10 @@ def layer_table(report: HeadsReport, path) -> Any:
                     f"{', '.join(map(str, w.kept_heads))} | {w.ffn_before} -> {w.ffn_after} |")
     rows.append(f"\nhead size {report.head_size}, hidden size {report.hidden_size} (unchanged); "
                 f"params {report.params_before:,} -> {report.params_after:,}")
+    if report.refit:
+        rows += ["\nLeast-squares refit of the output projections (relative squared error on "
+                 f"{report.calibration_samples} calibration samples' tokens):\n",
+                 "| layer | part | error as pruned | error refitted |", "|---|---|---|---|"]
+        rows += [f"| {e.layer} | {e.part} | {e.before:.4f} | {e.after:.4f} |" for e in report.refit]
     path.write_text("\n".join(rows) + "\n")
     return path

@@ -135,7 +135,7 @@ def contribution_scores(model: nn.Module, layers: list[tuple[str, nn.Module]],
     try:
         with torch.no_grad():
             for inputs in batches:
-                state["mask"] = _token_mask(inputs)
+                state["mask"] = token_mask(inputs)
                 state["tokens"] += float(state["mask"].sum())
                 task.feed(model, inputs)
     finally:
@@ -149,7 +149,7 @@ def _accumulate(sums: dict[nn.Module, torch.Tensor], module: nn.Module,
     sums[module] = sums[module] + value if module in sums else value
 
 
-def _token_mask(inputs: Any) -> torch.Tensor:
+def token_mask(inputs: Any) -> torch.Tensor:
     """``[batch, seq, 1]``: 1 at the positions the attention mask attends (all, lacking one)."""
     mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
     if mask is None:

@@ -83,3 +83,60 @@ def test_a_rank_that_fails_fails_the_stage_with_its_error(tmp_path, store):
     with pytest.raises(StageFailed) as raised:
         PipelineRunner(validate(path), tracking_uri=store).run()
     assert "diverged" in raised.value.message and "rank" in raised.value.message
+
+
+def _joiner(endpoint: str, *args: str):
+    """``compressflow join ENDPOINT`` in a process of its own: another machine's part."""
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-m", "compressflow", "join", endpoint, *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_two_machines_on_loopback_train_one_stage_and_its_machine_alone_logs(tmp_path, store):
+    from tests.servers import free_port
+
+    endpoint = f"127.0.0.1:{free_port()}"
+    spread = {"nproc": 1, "nnodes": 2, "rdzv_endpoint": endpoint, "join_timeout_s": 120}
+    path = write_pipeline(tmp_path, [{"name": "fit", "train": {"epochs": 2, "lr": 0.01,
+                                                               "distributed": spread}}],
+                          name="nodes", measure={"latency": False})
+    joiner = _joiner(endpoint, "--nproc", "1", "--nnodes", "2", "--timeout", "120")
+    try:
+        PipelineRunner(validate(path), tracking_uri=store).run()
+        out, err = joiner.communicate(timeout=120)
+    finally:
+        joiner.kill()
+    assert joiner.returncode == 0, err
+    assert "stage 1 of 1 trained here (1 processes)" in out
+    figures, curve = _figures(store, "nodes", "fit")
+    assert figures["train_processes"] == 2 and figures["accuracy"] > 0.5
+    assert [m.step for m in curve] == [1, 2]
+
+
+def test_machines_that_never_join_fail_the_stage_with_the_command_to_run(tmp_path, store):
+    from tests.servers import free_port
+
+    endpoint = f"127.0.0.1:{free_port()}"
+    spread = {"nproc": 1, "nnodes": 2, "rdzv_endpoint": endpoint, "join_timeout_s": 2}
+    path = write_pipeline(tmp_path, [{"name": "fit", "train": {"epochs": 1, "distributed": spread}}],
+                          measure={"latency": False})
+    with pytest.raises(StageFailed) as raised:
+        PipelineRunner(validate(path), tracking_uri=store).run()
+    assert f"did not meet at {endpoint} within 2 s" in raised.value.message
+    assert f"compressflow join {endpoint} --nproc 1 --nnodes 2" in raised.value.hint
+
+
+def test_several_machines_need_an_endpoint_and_join_checks_its_own():
+    from pydantic import ValidationError
+
+    from compressflow.distributed import join
+
+    with pytest.raises(ValidationError, match="rdzv_endpoint"):
+        DistributedSpec(nproc=1, nnodes=2)
+    assert DistributedSpec(nproc=3, nnodes=2, rdzv_endpoint="node0:29400").world == 6
+    with pytest.raises(ValidationError):
+        DistributedSpec(nnodes=2, rdzv_endpoint="http://node0")
+    with pytest.raises(Exception, match="is not HOST:PORT"):
+        join("node0", nproc=1, nnodes=2)

@@ -227,3 +227,39 @@ def test_drop_then_distill_features_raises_the_cosine_to_the_input(tmp_path, sto
     model = mlflow.pytorch.load_model(runs["distilled"].data.tags["compressflow.model_uri"])
     assert len(model.model.encoder.layer) == 2 and model.config.num_hidden_layers == 2
     assert not any(m._forward_hooks for m in model.modules())  # the capture hooks are gone
+
+
+def test_refit_makes_each_kept_layer_stand_in_for_its_span(bert4, tmp_path):
+    from tests.plugins.structured.test_refit import sentences
+
+    model, plain, original = (load(str(bert4), tmp_path) for _ in range(3))
+    lines = sentences(96)
+    batches = [dict(model.tokenizer(lines[i:i + 32], padding=True, return_tensors="pt"))
+               for i in range(0, 96, 32)]
+    ctx = StageContext.detached(DataBundle(train=batches, val=batches, calibration=batches),
+                                lambda m, loader=None: {}, task=detached(model).task)
+    DropLayers("drop", DropLayersParams(layers=2)).run(plain, ctx)
+    result = DropLayers("drop", DropLayersParams(layers=2, refit=True)).run(model, ctx)
+
+    assert result.metrics["refit_error_after"] < result.metrics["refit_error_before"]
+    assert "refitted by least squares" in result.notes[-1]
+    # kept layer 0 stands for layers 0-1: its FFN's LayerNorm is now layer 1's
+    assert torch.equal(model.model.encoder.layer[0].output.LayerNorm.weight,
+                       original.model.encoder.layer[1].output.LayerNorm.weight)
+    target = embed(original, EVAL_LINES)
+    cosine = torch.nn.functional.cosine_similarity
+    assert cosine(embed(model, EVAL_LINES), target).mean() > cosine(embed(plain, EVAL_LINES), target).mean()
+
+
+def test_refit_is_refused_on_layers_that_are_not_bert_ones():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(vocab_size=30, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                         num_attention_heads=2, num_key_value_heads=2)
+    model = Qwen2ForCausalLM(config).eval()
+    batch = {"input_ids": torch.tensor([[1, 2, 3, 4]]), "attention_mask": torch.ones(1, 4)}
+    ctx = StageContext.detached(DataBundle(train=[batch], val=[batch], calibration=[batch]),
+                                lambda m, loader=None: {}, task=Task())
+    with pytest.raises(ConfigError, match="drop-layers: refit: .*no encoder.layer"):
+        DropLayers("drop", DropLayersParams(layers=2, refit=True)).run(model, ctx)
+    assert model.config.num_hidden_layers == 4  # refused before anything changed

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from compressflow import ConfigError, SourceContext, StageFailed
+from compressflow import ConfigError, StageFailed
 from tests.conftest import write_pipeline
-from tests.plugins.hf.conftest import EVAL_LINES, TRAIN_LINES, sentence_modules, tokenizer
+from tests.plugins.hf.conftest import EVAL_LINES, TRAIN_LINES
+from tests.plugins.structured.conftest import FFN, HEAD_SIZE, HEADS, HIDDEN, batch, embed, load
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -19,60 +20,6 @@ pytest.importorskip("torch_pruning")
 
 from compressflow_hf.model import heads_removed  # noqa: E402
 from compressflow_structured.transformer import check_forward, prune_heads_and_ffn  # noqa: E402
-
-HEADS, HEAD_SIZE, HIDDEN, FFN = 4, 8, 32, 64
-
-
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    # nothing here may reach the Hub, sentence-transformers' loads included
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    """A random BERT with 4 heads a layer, saved as a sentence-transformers folder."""
-    from transformers import BertConfig, BertModel
-
-    where = tmp_path_factory.mktemp("bert4")
-    tok = tokenizer(where)
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(tok), hidden_size=HIDDEN, num_hidden_layers=2,
-                        num_attention_heads=HEADS, intermediate_size=FFN,
-                        max_position_embeddings=64)
-    BertModel(config).save_pretrained(where)
-    tok.save_pretrained(where)
-    sentence_modules(where, {"pooling_mode_mean_tokens": True}, True)
-    return where
-
-
-def load(folder: Path):
-    from compressflow_hf import HFSource
-
-    return HFSource().load(str(folder), {}, SourceContext(base_dir=folder, place="test"))
-
-
-@pytest.fixture
-def encoder(folder):
-    return load(folder)
-
-
-@pytest.fixture(scope="module")
-def task():
-    from compressflow.plugins import load_plugins
-
-    return load_plugins().tasks.get("embedding")()
-
-
-def batch(model, lines=EVAL_LINES) -> dict:
-    return dict(model.tokenizer(lines, padding=True, return_tensors="pt"))
-
-
-def embed(model, lines=EVAL_LINES):
-    with torch.no_grad():
-        return model.eval()(**batch(model, lines))
-
 
 def prune(model, task, **settings):
     settings.setdefault("calibration", [batch(model, TRAIN_LINES)])
@@ -246,7 +193,7 @@ def test_a_pipeline_prunes_heads_then_recovers_by_distillation(tmp_path, store, 
     import mlflow
     import mlflow.pytorch
 
-    stages = [{"structured_prune": {"method": "heads", "heads": 0.5, "ffn": 0.5}},
+    stages = [{"structured_prune": {"method": "heads", "heads": 0.5, "ffn": 0.5, "refit": True}},
               {"finetune": {"epochs": 2, "lr": 1e-3, "teacher": "input"}}]
     path = write_pipeline(tmp_path, stages, name="heads", model={"source": f"hf:{folder}"},
                           data=text_data(tmp_path), task="embedding",
@@ -261,6 +208,7 @@ def test_a_pipeline_prunes_heads_then_recovers_by_distillation(tmp_path, store, 
     assert pruned.metrics["heads_per_layer"] == 2 and pruned.metrics["ffn_per_layer"] == 32
     assert pruned.metrics["params_total"] < runs["input"].data.metrics["params_total"]
     assert 0 < pruned.metrics["cosine_mean"] <= 1
+    assert pruned.metrics["refit_error_after"] < pruned.metrics["refit_error_before"]
     # a random tiny BERT is near 1 already; that recovery trains the pruned shapes is the point
     assert tuned.metrics["cosine_mean"] > 0.9 and "final_train_loss" in tuned.metrics
     logged = mlflow.pytorch.load_model(runs["1-finetune"].data.tags["compressflow.model_uri"])
