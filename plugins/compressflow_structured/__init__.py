@@ -114,10 +114,11 @@ class HeadsParams(StageParams):
     heads: Ratio = Field(0.0, description="share of every layer's attention heads removed "
                          "(whole heads; ceil(heads * count) go, the same in every layer)")
     ffn: Ratio = Field(0.0, description="share of every layer's intermediate (FFN) neurons removed")
-    importance: Literal["activation", "magnitude", "taylor"] = Field(
+    importance: Literal["activation", "magnitude", "taylor", "obs"] = Field(
         "activation", description="activation: what each head/neuron adds to the residual "
         "stream on the calibration batches; magnitude: weight norms (no data); taylor: "
-        "|w * dL/dw| of the task's loss (vanishes on a model that still equals its reference)")
+        "|w * dL/dw| of the task's loss (vanishes on a model that still equals its reference); "
+        "obs: what removing it costs once the rest compensate by least squares (greedy OBS)")
     calibration_batches: int | None = Field(
         None, ge=1, description="activation/taylor/refit: at most this many calibration "
         "batches (default: the whole calibration loader)")

@@ -1,6 +1,7 @@
 """What ``structured_prune/heads`` removes from a BERT-style encoder, before anything is
 removed: the encoder layers and their projections, the widths a plan keeps, and the scores
-that rank heads and FFN neurons (magnitude, activation, taylor).
+that rank heads and FFN neurons (magnitude, activation, taylor; obs in
+:mod:`compressflow_structured.obs_rank`).
 
 :mod:`compressflow_structured.transformer` applies the plan through torch-pruning and checks
 the pruned model.
@@ -19,7 +20,7 @@ from torch import nn
 from compressflow import ConfigError, StageFailed
 from compressflow.task import Task, batch_len
 
-IMPORTANCES = ("magnitude", "activation", "taylor")
+IMPORTANCES = ("magnitude", "activation", "taylor", "obs")
 
 
 # --- finding the layers --------------------------------------------------------------------
@@ -236,7 +237,10 @@ def scorer_for(model: nn.Module, layers: list[tuple[str, nn.Module]], importance
     if importance == "magnitude":
         return 0, tp.importance.GroupMagnitudeImportance(p=2)
     samples = sum(batch_len(inputs) for inputs, _ in batches)
-    if importance == "activation":
-        scores = contribution_scores(model, layers, [inputs for inputs, _ in batches], task)
+    if importance in ("activation", "obs"):
+        from compressflow_structured.obs_rank import obs_scores
+
+        scoring = contribution_scores if importance == "activation" else obs_scores
+        scores = scoring(model, layers, [inputs for inputs, _ in batches], task)
         return samples, ContributionImportance(scores)
     return taylor_gradients(model, batches, task, reference), tp.importance.GroupTaylorImportance()

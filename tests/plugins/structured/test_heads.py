@@ -103,7 +103,7 @@ def test_the_pruned_model_computes_what_the_original_does_with_those_units_silen
     assert not torch.allclose(embed(encoder), embed(original), atol=1e-3)  # something went
 
 
-@pytest.mark.parametrize("importance", ["magnitude", "activation"])
+@pytest.mark.parametrize("importance", ["magnitude", "activation", "obs"])
 def test_the_weakest_head_and_neuron_go_and_the_strongest_stay(encoder, task, importance):
     scale_units(encoder, 0, head=1, neuron=5, factor=1e-3)
     scale_units(encoder, 0, head=2, neuron=9, factor=10.0)
