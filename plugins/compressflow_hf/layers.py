@@ -301,13 +301,12 @@ def refit_kept(model: nn.Module, original: nn.Module, keep: list[int], total: in
     """The refit of ``refit: true``: kept layer ``keep[i]``'s attention toward its own, its
     FFN toward layer ``keep[i + 1] - 1`` (the last: ``total - 1``). Its mean errors before
     and after, as metrics."""
-    from compressflow_structured.refit import refit_outputs
+    from compressflow_structured.refit import error_metrics, refit_outputs
 
     ends = [*(k - 1 for k in keep[1:]), total - 1]
     batches = [ctx.task.split(batch)[0] for batch in ctx.data.calibration]
     errors = refit_outputs(model, original, batches, ctx.task, sources=list(zip(keep, ends)))
-    return {"refit_error_before": sum(e.before for e in errors) / len(errors),
-            "refit_error_after": sum(e.after for e in errors) / len(errors)}
+    return error_metrics(errors)
 
 
 def _bert_only(model: nn.Module) -> None:

@@ -151,6 +151,7 @@ class HeadsPrune(Stage):
     Params = HeadsParams
 
     def run(self, model, ctx):
+        from compressflow_structured.refit import error_metrics
         from compressflow_structured.transformer import layer_table, prune_heads_and_ffn
 
         params, data = self.params, ctx.data
@@ -175,9 +176,7 @@ class HeadsPrune(Stage):
         if report.calibration_samples:
             metrics["calibration_samples"] = report.calibration_samples
         if report.refit:
-            # the mean relative error of the output projections, as pruned and refitted
-            metrics["refit_error_before"] = sum(e.before for e in report.refit) / len(report.refit)
-            metrics["refit_error_after"] = sum(e.after for e in report.refit) / len(report.refit)
+            metrics.update(error_metrics(report.refit))
         table = layer_table(report, ctx.workdir / "heads_layers.md")
         return StageResult(model, metrics=metrics, artifacts={"heads_layers": table}, notes=notes)
 

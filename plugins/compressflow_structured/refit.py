@@ -48,6 +48,13 @@ class RefitError:
     after: float
 
 
+def error_metrics(errors: list[RefitError]) -> dict[str, float]:
+    """``refit_error_before``/``refit_error_after``: the mean relative error of the output
+    projections, as cut and as refitted; what a stage that refits logs."""
+    return {"refit_error_before": sum(e.before for e in errors) / len(errors),
+            "refit_error_after": sum(e.after for e in errors) / len(errors)}
+
+
 class _Stop(Exception):
     """Raised by a capture hook: nothing after the captured place needs to run."""
 
