@@ -65,7 +65,7 @@ def load_model():
 
 
 def token_stream(tokenizer, path: Path) -> list[int]:
-    from compressflow_data.files import read_lines, token_stream as stream
+    from compressflow_data.text import read_lines, token_stream as stream
 
     return stream(tokenizer, read_lines([path], "utf-8", None, "paths"))
 
@@ -88,7 +88,7 @@ def calibration(tokenizer, segments: int, length: int, offset: int = 0) -> list:
 def eval_loader(tokenizer, tokens: int, window: int):
     from torch.utils.data import DataLoader
 
-    from compressflow_data.files import Windows, stream_windows
+    from compressflow_data.text import Windows, stream_windows
 
     ids = token_stream(tokenizer, TEXT / "eval.txt")[:tokens]
     return DataLoader(Windows(*stream_windows(ids, window, window)), batch_size=1)

@@ -148,8 +148,8 @@ def fit(
             record(figures)
     else:  # logged live, epoch by epoch
         samples, seconds = 0, 0.0
-        for loss, count, took in loop.epochs(data.train):
-            record({"train_loss": loss, **loop.validation()})
+        for figures, count, took in loop.figures(data.train):
+            record(figures)
             samples, seconds = samples + count, seconds + took
     if seconds > 0:
         ctx.log_metrics({"train_samples_per_s": samples / seconds,
@@ -168,9 +168,9 @@ def _fit_ranks(loop: _Loop, data: DataBundle, spec) -> tuple[list[dict[str, floa
     def body(group) -> dict:
         torch.manual_seed(loop.seed + group.rank)  # each rank its own dropout draws
         history, samples, seconds = [], 0, 0.0
-        for loss, count, took in loop.epochs(group.loader(data.train, loop.seed), group):
-            if group.leads:  # the others go on and wait for it at the next step
-                history.append({"train_loss": loss, **loop.validation()})
+        for figures, count, took in loop.figures(group.loader(data.train, loop.seed), group):
+            if figures is not None:
+                history.append(figures)
             samples, seconds = samples + count, seconds + took
         modules = [loop.model, *loop.extra]
         weights = [m.state_dict() for m in modules] if group.leads else None
@@ -209,6 +209,15 @@ class _Loop:
     def validation(self) -> dict[str, float]:
         """The model's figures on the validation split, as ``val_<metric>``."""
         return {f"val_{k}": v for k, v in self.ctx.evaluate(self.model).items()}
+
+    def figures(self, loader, group=None) -> Iterator[tuple[dict[str, float] | None, int, float]]:
+        """Train epoch by epoch; yields each one's figures (``train_loss`` and the
+        validation's), the samples it trained on and its seconds. With ``group``, only the
+        lead rank evaluates (None elsewhere): the others go on and wait for it at the next
+        step."""
+        for loss, count, took in self.epochs(loader, group):
+            leads = group is None or group.leads
+            yield ({"train_loss": loss, **self.validation()} if leads else None), count, took
 
     def epochs(self, loader, group=None) -> Iterator[tuple[float, int, float]]:
         """Train epoch by epoch; yields each one's mean loss per sample, the samples it

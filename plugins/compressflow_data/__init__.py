@@ -1,6 +1,7 @@
 """Built-in datasets: ``digits`` (scikit-learn's bundled 8x8 digits), ``synthetic``, ``idx``
-(MNIST-format files: ``make data`` fetches MNIST), and the user's own files: ``npz``,
-``csv``, ``image-folder`` and ``text`` (:mod:`compressflow_data.files`).
+(MNIST-format files: ``make data`` fetches MNIST), and the user's own files: ``npz`` and
+``csv`` (:mod:`compressflow_data.tabular`), ``image-folder`` (:mod:`compressflow_data.images`)
+and ``text`` (:mod:`compressflow_data.text`).
 
 Each is a :class:`compressflow.Dataset` with declared params, validated with the pipeline;
 all read data in memory and never download anything.
@@ -104,9 +105,9 @@ def register_datasets(registry) -> None:
     registry.add("digits", Digits)
     registry.add("synthetic", Synthetic)
     registry.add("idx", Idx)
-    from compressflow_data import files  # the user's own files: npz, csv, images, text
+    from compressflow_data import images, tabular, text  # the user's own files
 
-    registry.add("npz", files.Npz)
-    registry.add("csv", files.Csv)
-    registry.add("image-folder", files.ImageFolder)
-    registry.add("text", files.Text)
+    registry.add("npz", tabular.Npz)
+    registry.add("csv", tabular.Csv)
+    registry.add("image-folder", images.ImageFolder)
+    registry.add("text", text.Text)

@@ -18,14 +18,20 @@ regression ``[x, 1] @ W ~ y`` over the real (unpadded) tokens of the calibration
 Only the two output projections change (weights and biases); query, key, value and
 ``intermediate.dense`` stay as pruning left them. The same refit serves a model with layers
 dropped (``structured/drop-layers``): a kept layer's FFN is then fitted to the sum of the
-last layer of the span it stands for, through that layer's LayerNorm. The sums are accumulated in float64, and
-the ridge term is ``ridge`` times the mean of the Gram matrix's diagonal.
+last layer of the span it stands for, through that layer's LayerNorm. The sums are accumulated
+in float64, and the ridge term is ``ridge`` times the mean of the Gram matrix's diagonal.
+
+Both models are walked layer by layer (:class:`_Stream`), as llm-compressor's sequential
+pipeline walks a decoder: each calibration batch's hidden states are kept between layers, so
+refitting every layer costs about four passes of one layer per batch, not one pass of the
+whole prefix per sub-layer.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable
+from functools import partial
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -59,6 +65,11 @@ class _Stop(Exception):
     """Raised by a capture hook: nothing after the captured place needs to run."""
 
 
+Reads = Callable[[int, torch.Tensor, torch.Tensor], None]
+"""Called with a batch's index and the ``(hidden_states, input_tensor)`` a BertSelfOutput or
+BertOutput reads for it."""
+
+
 def refit_outputs(model: nn.Module, original: nn.Module, batches: Iterable[Any], task: Task,
                   *, ridge: float = 1e-2,
                   sources: list[tuple[int, int]] | None = None) -> list[RefitError]:
@@ -68,68 +79,159 @@ def refit_outputs(model: nn.Module, original: nn.Module, batches: Iterable[Any],
     :param batches: model inputs (dicts with ``attention_mask``), reused for every layer.
     :param ridge: the ridge term, relative to the Gram matrix's mean diagonal.
     :param sources: for each of ``model``'s layers, the indices of ``original``'s layers its
-        attention and its FFN are fitted to (default: its own index for both). A layer
-        standing in for several (layers dropped) fits its FFN to the last one's sum, and
-        takes that layer's output LayerNorm, which the sum goes through.
+        attention and its FFN are fitted to (default: its own index for both), in order. A
+        layer standing in for several (layers dropped) fits its FFN to the last one's sum,
+        and takes that layer's output LayerNorm, which the sum goes through.
     """
     batches = list(batches)
-    ours_all, theirs = encoder_layers(model), [layer for _n, layer in encoder_layers(original)]
-    sources = sources or [(i, i) for i in range(len(ours_all))]
+    named = encoder_layers(model)
+    sources = sources or [(i, i) for i in range(len(named))]
     model.eval(), original.eval()
+    masks = [token_mask(inputs)[..., 0].bool() for inputs in batches]
+    ours = _Stream.start(model, [layer for _n, layer in named], batches, task)
+    theirs = _Stream.start(original, [layer for _n, layer in encoder_layers(original)],
+                           batches, task)
     errors = []
-    for (name, layer), (attention_from, ffn_from) in zip(ours_all, sources):
+    for (name, layer), (attention_from, ffn_from) in zip(named, sources):
+        targets = _targets(theirs, attention_from, ffn_from)
         if ffn_from != attention_from:
-            layer.output.LayerNorm.load_state_dict(theirs[ffn_from].output.LayerNorm.state_dict())
-        for (part, output_of), source in zip(SUBLAYERS, (attention_from, ffn_from)):
-            ours, reference = output_of(layer), output_of(theirs[source])
-            gram, cross, target = _normal_equations(model, ours, original, reference, batches, task)
-            solved = _ridge(gram, cross, ridge)
-            current = torch.cat([ours.dense.weight.detach().T, ours.dense.bias.detach()[None]]).double()
-            errors.append(RefitError(name, part, _relative(current, gram, cross, target),
-                                     _relative(solved, gram, cross, target)))
-            with torch.no_grad():
-                ours.dense.weight.copy_(solved[:-1].T)
-                ours.dense.bias.copy_(solved[-1])
+            layer.output.LayerNorm.load_state_dict(
+                theirs.layers[ffn_from].output.LayerNorm.state_dict())
+        for part, output_of in SUBLAYERS:
+            projection = output_of(layer)
+            system = _System(targets[part], masks)
+            ours.probe(projection, system.add)
+            errors.append(system.solve(name, part, projection.dense, ridge))
+        ours.step()
     return errors
 
 
-def _normal_equations(model: nn.Module, ours: nn.Module, original: nn.Module,
-                      reference: nn.Module, batches: list[Any], task: Task):
-    """``(X^T X, X^T Y, ||Y||^2)`` of one sub-layer over every batch's real tokens."""
-    gram = cross = None
-    target = 0.0
-    for inputs in batches:
-        mask = token_mask(inputs)[..., 0].bool()
-        x, residual = _inputs_of(model, ours, inputs, task)
-        x0, residual0 = _inputs_of(original, reference, inputs, task)
-        with torch.no_grad():
-            y = (reference.dense(x0) + residual0 - residual)[mask].double()
+def _targets(theirs: "_Stream", attention_from: int, ffn_from: int) -> dict[str, list]:
+    """The unpruned model's pre-LayerNorm sums ``dense_0(x_0) + residual_0``, batch by batch,
+    at layer ``attention_from``'s attention and layer ``ffn_from``'s FFN; the stream moves
+    past ``ffn_from``."""
+    if not theirs.done <= attention_from <= ffn_from:
+        raise ValueError(f"refit sources must go forward: ({attention_from}, {ffn_from}) "
+                         f"after layer {theirs.done - 1}")
+    targets: dict[str, list] = {"attention": [], "ffn": []}
+    watch = {}
+    for (part, output_of), index in zip(SUBLAYERS, (attention_from, ffn_from)):
+        reference = output_of(theirs.layers[index])
+        watch[reference] = lambda _i, x, residual, part=part, dense=reference.dense: \
+            targets[part].append(dense(x) + residual)
+    while theirs.done <= ffn_from:
+        theirs.step(watch)
+    return targets
+
+
+class _System:
+    """The normal equations ``(X^T X, X^T Y, ||Y||^2)`` of one sub-layer, summed batch by
+    batch over the real tokens; ``Y`` is the target less the pruned model's residual."""
+
+    def __init__(self, targets: list[torch.Tensor], masks: list[torch.Tensor]):
+        self.targets, self.masks = targets, masks
+        self.gram = self.cross = None
+        self.target = 0.0
+
+    def add(self, index: int, x: torch.Tensor, residual: torch.Tensor) -> None:
+        """Add batch ``index``, whose projection reads ``x`` beside ``residual``."""
+        mask = self.masks[index]
+        y = (self.targets[index] - residual)[mask].double()
         x = torch.cat([x[mask].double(), torch.ones(int(mask.sum()), 1, dtype=torch.float64)], 1)
-        gram = x.T @ x if gram is None else gram + x.T @ x
-        cross = x.T @ y if cross is None else cross + x.T @ y
-        target += float((y * y).sum())
-    return gram, cross, target
+        self.gram = x.T @ x if self.gram is None else self.gram + x.T @ x
+        self.cross = x.T @ y if self.cross is None else self.cross + x.T @ y
+        self.target += float((y * y).sum())
+
+    def solve(self, layer: str, part: str, dense: nn.Linear, ridge: float) -> RefitError:
+        """Replace ``dense``'s weight and bias by the ridge solution; its errors."""
+        solved = _ridge(self.gram, self.cross, ridge)
+        current = torch.cat([dense.weight.detach().T, dense.bias.detach()[None]]).double()
+        error = RefitError(layer, part, _relative(current, self.gram, self.cross, self.target),
+                           _relative(solved, self.gram, self.cross, self.target))
+        with torch.no_grad():
+            dense.weight.copy_(solved[:-1].T)
+            dense.bias.copy_(solved[-1])
+        return error
 
 
-def _inputs_of(model: nn.Module, module: nn.Module, inputs: Any, task: Task):
-    """``(hidden_states, input_tensor)`` that ``module`` (a BertSelfOutput/BertOutput) reads
-    when ``model`` runs on ``inputs``; the forward pass stops there."""
-    seen: dict[str, torch.Tensor] = {}
+@dataclass
+class _Stream:
+    """One model's encoder layers and, batch by batch, the arguments its next layer gets.
 
-    def hook(_module, args, kwargs):
-        values = [*args, *kwargs.values()]
-        seen["x"], seen["residual"] = values[0].detach(), values[1].detach()
-        raise _Stop
+    This is llm-compressor's sequential walk: each layer runs on the states the previous one
+    left, so a refit costs a few passes of each layer instead of a pass of the whole prefix
+    per sub-layer. The encoder gives every layer the same arguments besides the hidden
+    states (the attention mask among them), so those are captured once, at layer 0.
+    """
 
-    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    layers: list[nn.Module]
+    calls: list[tuple[list[Any], dict[str, Any]]]
+    done: int = 0
+
+    @classmethod
+    def start(cls, model: nn.Module, layers: list[nn.Module], batches: list[Any],
+              task: Task) -> "_Stream":
+        """Run ``model`` on each batch up to ``layers[0]`` and keep what it is called with."""
+        calls = []
+        for inputs in batches:
+            seen = {}
+
+            def keep(_module, args, kwargs):
+                seen["call"] = ([arg.detach() if torch.is_tensor(arg) else arg for arg in args],
+                                dict(kwargs))
+                raise _Stop
+
+            _hooked({layers[0]: keep}, lambda: task.feed(model, inputs))
+            calls.append(seen["call"])
+        return cls(layers, calls)
+
+    def probe(self, module: nn.Module, reads: Reads) -> None:
+        """Run the next layer on every batch up to ``module``, handing ``reads`` what it
+        reads; the stream stays where it is."""
+        layer = self.layers[self.done]
+
+        def stop(_module, args, kwargs, index):
+            reads(index, *_inputs(args, kwargs))
+            raise _Stop
+
+        for index, (args, kwargs) in enumerate(self.calls):
+            _hooked({module: partial(stop, index=index)}, lambda: layer(*args, **kwargs))
+
+    def step(self, watch: dict[nn.Module, Reads] | None = None) -> None:
+        """Run the next layer on every batch and move past it, handing each ``watch``
+        callback what its module reads on the way."""
+        layer = self.layers[self.done]
+        for index, (args, kwargs) in enumerate(self.calls):
+            hooks = {module: partial(_tell, reads=reads, index=index)
+                     for module, reads in (watch or {}).items()}
+            out = _hooked(hooks, lambda: layer(*args, **kwargs))
+            args[0] = out[0] if isinstance(out, tuple) else out
+        self.done += 1
+
+
+def _tell(_module, args, kwargs, reads: Reads, index: int) -> None:
+    reads(index, *_inputs(args, kwargs))
+
+
+def _inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(hidden_states, input_tensor)`` of a BertSelfOutput/BertOutput call."""
+    values = [*args, *kwargs.values()]
+    return values[0].detach(), values[1].detach()
+
+
+def _hooked(hooks: dict[nn.Module, Callable], run: Callable[[], Any]) -> Any:
+    """``run()`` without gradients, with forward-pre ``hooks`` in place; None if a hook
+    stopped it (:class:`_Stop`)."""
+    handles = [module.register_forward_pre_hook(hook, with_kwargs=True)
+               for module, hook in hooks.items()]
     try:
         with torch.no_grad():
-            task.feed(model, inputs)
+            return run()
     except _Stop:
-        pass
+        return None
     finally:
-        handle.remove()
-    return seen["x"], seen["residual"]
+        for handle in handles:
+            handle.remove()
 
 
 def _ridge(gram: torch.Tensor, cross: torch.Tensor, ridge: float) -> torch.Tensor:

@@ -78,3 +78,11 @@ def test_the_refit_needs_calibration_batches(encoder, task):
     with pytest.raises(ValueError, match="calibration"):
         prune_heads_and_ffn(encoder, batch(encoder), heads=0.5, ffn=0.0, importance="magnitude",
                             refit=True, task=task)
+
+
+def test_sources_must_go_forward_through_the_original(encoder, task):
+    # the original is walked once, layer by layer: a layer fitted to an earlier one than
+    # its predecessor was cannot be served
+    original = copy.deepcopy(encoder)
+    with pytest.raises(ValueError, match="must go forward"):
+        refit_outputs(encoder, original, calibration(encoder), task, sources=[(1, 1), (0, 0)])
