@@ -82,7 +82,7 @@ def launch(body: Callable[[Any], dict[str, Any]], spec: DistributedSpec) -> list
     rank order. ``group`` is :class:`Group` (rank, world size, the lead, the all-reduce of
     figures). A rank that raises fails them all: its error is raised here as a StageFailed
     naming the rank; machines that do not join in time fail the stage too."""
-    endpoint = spec.rdzv_endpoint or f"127.0.0.1:{_free_port()}"
+    endpoint = spec.rdzv_endpoint or f"127.0.0.1:{free_port()}"
     run_id = JOINED_RUN if spec.nnodes > 1 else uuid.uuid4().hex
     return _launch((body, spec.backend, spec.nnodes), spec.nproc, spec.nnodes, endpoint,
                    run_id=run_id, host=True, timeout=spec.join_timeout_s)
@@ -294,7 +294,8 @@ def check_identical(results: list[dict[str, Any]]) -> None:
                           "same on every rank (a random draw outside the seed) breaks DDP")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port nothing listens on now, on 127.0.0.1 (a one-machine group's rendezvous)."""
     import socket
 
     with socket.socket() as sock:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from compressflow.distributed import free_port
 from tests.conftest import REPO, write_pipeline
 
 CHROMIUM, DRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
@@ -24,12 +24,6 @@ CHROMIUM, DRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 pytestmark = pytest.mark.skipif(
     not (CHROMIUM.exists() and DRIVER.exists()),
     reason="Debian packages chromium and chromium-driver are not installed (.ci/run installs them)")
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _wait_for(url: str, seconds: float = 90) -> None:
@@ -96,7 +90,7 @@ class _ui:
         self.folder, self.store = folder, store
 
     def __enter__(self) -> str:
-        port = _free_port()
+        port = free_port()
         self.server = subprocess.Popen(
             [sys.executable, "-m", "compressflow", "ui", "--tracking-uri", self.store, "--port", str(port)],
             cwd=self.folder, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
