@@ -21,8 +21,8 @@ dropped (``structured/drop-layers``): a kept layer's FFN is then fitted to the s
 last layer of the span it stands for, through that layer's LayerNorm. The sums are accumulated
 in float64, and the ridge term is ``ridge`` times the mean of the Gram matrix's diagonal.
 
-Both models are walked layer by layer (:class:`_Stream`), as llm-compressor's sequential
-pipeline walks a decoder: each calibration batch's hidden states are kept between layers, so
+Both models are walked layer by layer (:mod:`compressflow.calibration`'s block walk), as
+llm-compressor's sequential pipeline walks a decoder: each calibration batch's hidden states are kept between layers, so
 refitting every layer costs about four passes of one layer per batch, not one pass of the
 whole prefix per sub-layer.
 """
@@ -30,12 +30,12 @@ whole prefix per sub-layer.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
+from compressflow.calibration import Call, StopForward, first_block_inputs, run_block
 from compressflow.task import Task
 from compressflow_structured.transformer_plan import encoder_layers, token_mask
 
@@ -61,10 +61,6 @@ def error_metrics(errors: list[RefitError]) -> dict[str, float]:
             "refit_error_after": sum(e.after for e in errors) / len(errors)}
 
 
-class _Stop(Exception):
-    """Raised by a capture hook: nothing after the captured place needs to run."""
-
-
 Reads = Callable[[int, torch.Tensor, torch.Tensor], None]
 """Called with a batch's index and the ``(hidden_states, input_tensor)`` a BertSelfOutput or
 BertOutput reads for it."""
@@ -83,45 +79,85 @@ def refit_outputs(model: nn.Module, original: nn.Module, batches: Iterable[Any],
         layer standing in for several (layers dropped) fits its FFN to the last one's sum,
         and takes that layer's output LayerNorm, which the sum goes through.
     """
-    batches = list(batches)
+    batches = [(inputs, None) for inputs in batches]
     named = encoder_layers(model)
+    theirs = [layer for _n, layer in encoder_layers(original)]
     sources = sources or [(i, i) for i in range(len(named))]
     model.eval(), original.eval()
-    masks = [token_mask(inputs)[..., 0].bool() for inputs in batches]
-    ours = _Stream.start(model, [layer for _n, layer in named], batches, task)
-    theirs = _Stream.start(original, [layer for _n, layer in encoder_layers(original)],
-                           batches, task)
+    masks = [token_mask(inputs)[..., 0].bool() for inputs, _ in batches]
+    ours_calls = first_block_inputs(model, named[0][1], batches, task.feed)
+    walk = _Original(theirs, first_block_inputs(original, theirs[0], batches, task.feed))
     errors = []
     for (name, layer), (attention_from, ffn_from) in zip(named, sources):
-        targets = _targets(theirs, attention_from, ffn_from)
+        targets = walk.targets(attention_from, ffn_from)
         if ffn_from != attention_from:
-            layer.output.LayerNorm.load_state_dict(
-                theirs.layers[ffn_from].output.LayerNorm.state_dict())
+            layer.output.LayerNorm.load_state_dict(theirs[ffn_from].output.LayerNorm.state_dict())
         for part, output_of in SUBLAYERS:
             projection = output_of(layer)
             system = _System(targets[part], masks)
-            ours.probe(projection, system.add)
+            _probe(layer, ours_calls, projection, system.add)
             errors.append(system.solve(name, part, projection.dense, ridge))
-        ours.step()
+        ours_calls = run_block(layer, ours_calls)
     return errors
 
 
-def _targets(theirs: "_Stream", attention_from: int, ffn_from: int) -> dict[str, list]:
-    """The unpruned model's pre-LayerNorm sums ``dense_0(x_0) + residual_0``, batch by batch,
-    at layer ``attention_from``'s attention and layer ``ffn_from``'s FFN; the stream moves
-    past ``ffn_from``."""
-    if not theirs.done <= attention_from <= ffn_from:
-        raise ValueError(f"refit sources must go forward: ({attention_from}, {ffn_from}) "
-                         f"after layer {theirs.done - 1}")
-    targets: dict[str, list] = {"attention": [], "ffn": []}
-    watch = {}
-    for (part, output_of), index in zip(SUBLAYERS, (attention_from, ffn_from)):
-        reference = output_of(theirs.layers[index])
-        watch[reference] = lambda _i, x, residual, part=part, dense=reference.dense: \
-            targets[part].append(dense(x) + residual)
-    while theirs.done <= ffn_from:
-        theirs.step(watch)
-    return targets
+class _Original:
+    """The unpruned encoder walked forward layer by layer (:func:`run_block`), as far as
+    the layers being refitted need."""
+
+    def __init__(self, layers: list[nn.Module], calls: list[Call]):
+        self.layers, self.calls, self.done = layers, calls, 0
+
+    def targets(self, attention_from: int, ffn_from: int) -> dict[str, list]:
+        """The pre-LayerNorm sums ``dense_0(x_0) + residual_0``, batch by batch, at layer
+        ``attention_from``'s attention and layer ``ffn_from``'s FFN; the walk moves past
+        ``ffn_from``."""
+        if not self.done <= attention_from <= ffn_from:
+            raise ValueError(f"refit sources must go forward: ({attention_from}, {ffn_from}) "
+                             f"after layer {self.done - 1}")
+        targets: dict[str, list] = {"attention": [], "ffn": []}
+        handles = []
+        for (part, output_of), index in zip(SUBLAYERS, (attention_from, ffn_from)):
+            reference = output_of(self.layers[index])
+
+            def keep(_module, args, kwargs, part=part, dense=reference.dense):
+                x, residual = _inputs(args, kwargs)
+                targets[part].append(dense(x) + residual)
+
+            handles.append(reference.register_forward_pre_hook(keep, with_kwargs=True))
+        try:
+            while self.done <= ffn_from:
+                self.calls = run_block(self.layers[self.done], self.calls)
+                self.done += 1
+        finally:
+            for handle in handles:
+                handle.remove()
+        return targets
+
+
+def _probe(layer: nn.Module, calls: list[Call], module: nn.Module, reads: Reads) -> None:
+    """Run ``layer`` on every call up to ``module``, handing ``reads`` what it reads."""
+
+    def stop(_module, args, kwargs):
+        reads(index, *_inputs(args, kwargs))
+        raise StopForward
+
+    handle = module.register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for index, (args, kwargs) in enumerate(calls):
+                try:
+                    layer(*args, **kwargs)
+                except StopForward:
+                    pass
+    finally:
+        handle.remove()
+
+
+def _inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(hidden_states, input_tensor)`` of a BertSelfOutput/BertOutput call."""
+    values = [*args, *kwargs.values()]
+    return values[0].detach(), values[1].detach()
 
 
 class _System:
@@ -152,86 +188,6 @@ class _System:
             dense.weight.copy_(solved[:-1].T)
             dense.bias.copy_(solved[-1])
         return error
-
-
-@dataclass
-class _Stream:
-    """One model's encoder layers and, batch by batch, the arguments its next layer gets.
-
-    This is llm-compressor's sequential walk: each layer runs on the states the previous one
-    left, so a refit costs a few passes of each layer instead of a pass of the whole prefix
-    per sub-layer. The encoder gives every layer the same arguments besides the hidden
-    states (the attention mask among them), so those are captured once, at layer 0.
-    """
-
-    layers: list[nn.Module]
-    calls: list[tuple[list[Any], dict[str, Any]]]
-    done: int = 0
-
-    @classmethod
-    def start(cls, model: nn.Module, layers: list[nn.Module], batches: list[Any],
-              task: Task) -> "_Stream":
-        """Run ``model`` on each batch up to ``layers[0]`` and keep what it is called with."""
-        calls = []
-        for inputs in batches:
-            seen = {}
-
-            def keep(_module, args, kwargs):
-                seen["call"] = ([arg.detach() if torch.is_tensor(arg) else arg for arg in args],
-                                dict(kwargs))
-                raise _Stop
-
-            _hooked({layers[0]: keep}, lambda: task.feed(model, inputs))
-            calls.append(seen["call"])
-        return cls(layers, calls)
-
-    def probe(self, module: nn.Module, reads: Reads) -> None:
-        """Run the next layer on every batch up to ``module``, handing ``reads`` what it
-        reads; the stream stays where it is."""
-        layer = self.layers[self.done]
-
-        def stop(_module, args, kwargs, index):
-            reads(index, *_inputs(args, kwargs))
-            raise _Stop
-
-        for index, (args, kwargs) in enumerate(self.calls):
-            _hooked({module: partial(stop, index=index)}, lambda: layer(*args, **kwargs))
-
-    def step(self, watch: dict[nn.Module, Reads] | None = None) -> None:
-        """Run the next layer on every batch and move past it, handing each ``watch``
-        callback what its module reads on the way."""
-        layer = self.layers[self.done]
-        for index, (args, kwargs) in enumerate(self.calls):
-            hooks = {module: partial(_tell, reads=reads, index=index)
-                     for module, reads in (watch or {}).items()}
-            out = _hooked(hooks, lambda: layer(*args, **kwargs))
-            args[0] = out[0] if isinstance(out, tuple) else out
-        self.done += 1
-
-
-def _tell(_module, args, kwargs, reads: Reads, index: int) -> None:
-    reads(index, *_inputs(args, kwargs))
-
-
-def _inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(hidden_states, input_tensor)`` of a BertSelfOutput/BertOutput call."""
-    values = [*args, *kwargs.values()]
-    return values[0].detach(), values[1].detach()
-
-
-def _hooked(hooks: dict[nn.Module, Callable], run: Callable[[], Any]) -> Any:
-    """``run()`` without gradients, with forward-pre ``hooks`` in place; None if a hook
-    stopped it (:class:`_Stop`)."""
-    handles = [module.register_forward_pre_hook(hook, with_kwargs=True)
-               for module, hook in hooks.items()]
-    try:
-        with torch.no_grad():
-            return run()
-    except _Stop:
-        return None
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _ridge(gram: torch.Tensor, cross: torch.Tensor, ridge: float) -> torch.Tensor:
