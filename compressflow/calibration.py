@@ -160,13 +160,14 @@ def calibration_batches(data, count: int, seed: int, task=None) -> list:
     holds that many, else from the training split shuffled with ``seed`` (at most one pass)."""
     from torch.utils.data import DataLoader
 
+    from compressflow.data import batch_size
     from compressflow.task import Task
 
     task = task or Task()
     if len(data.calibration) >= count:
         return [task.split(b) for b in islice(data.calibration, count)]
     train = data.train
-    loader = DataLoader(train.dataset, batch_size=train.batch_size, shuffle=True,
+    loader = DataLoader(train.dataset, batch_size=batch_size(train), shuffle=True,
                         collate_fn=train.collate_fn, generator=torch.Generator().manual_seed(seed))
     return [task.split(b) for b in islice(loader, count)]
 

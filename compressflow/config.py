@@ -19,6 +19,7 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationI
                       model_validator)
 
 from compressflow.errors import ConfigError
+from compressflow.overrides import Override, apply_override, split_path
 from compressflow.stage import MODEL_REFS, DataSpec, ModelSpec, refuse_bool_for_number
 from compressflow.task import DEFAULT_TASK
 from compressflow.yamlsafe import compose, file_place, read_text
@@ -200,8 +201,8 @@ def load_pipeline(path: str | Path, overrides: list[Override] = ()) -> PipelineF
     raw, lines = _parse_yaml(text, path)
     applied = {}
     for override in overrides:
-        dotted = _apply_override(raw, override)
-        applied[tuple(_split(dotted))] = dotted
+        dotted = apply_override(raw, override, OPTIONAL_SECTIONS)
+        applied[tuple(split_path(dotted))] = dotted
     loaded = PipelineFile(path, text, raw, None, [], lines, applied)  # type: ignore[arg-type]
     try:
         loaded.spec = PipelineSpec.model_validate(raw)
@@ -247,70 +248,6 @@ def _record_lines(node: yaml.Node, loc: Path_, lines: dict[Path_, int]) -> None:
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
             _record_lines(item, loc + (index,), lines)
-
-
-def _split(dotted: str) -> list[Any]:
-    return [int(part) if part.isdigit() else part for part in dotted.split(".")]
-
-
-Override = str | tuple[str, Any]
-"""``"path=yaml-text"`` from the command line, or ``(path, value)`` from a sweep."""
-
-
-def _apply_override(raw: dict[str, Any], override: Override) -> str:
-    if isinstance(override, tuple):
-        dotted, sep, text = override[0], "=", None
-    else:
-        dotted, sep, text = override.partition("=")
-    if not sep or not dotted:
-        raise ConfigError(f"--set {override}: expected PATH=VALUE", "e.g. --set stages.2.prune.sparsity=0.9")
-    parts = _split(dotted)
-    node: Any = raw
-    if len(parts) > 1 and parts[0] in OPTIONAL_SECTIONS:
-        raw.setdefault(parts[0], {})  # a section left to its defaults can still be set
-    for depth, part in enumerate(parts[:-1]):
-        node = _child(node, part, parts[: depth + 1], dotted)
-    last = parts[-1]
-    if isinstance(node, list):
-        _child(node, last, parts, dotted)
-    elif not isinstance(node, dict):
-        raise ConfigError(f"--set {dotted}: '{'.'.join(map(str, parts[:-1]))}' holds a value, not a mapping")
-    current = node[last] if isinstance(node, dict) and last in node else (
-        node[last] if isinstance(node, list) else None)
-    if isinstance(override, tuple):
-        value = override[1]
-    else:
-        # a string stays a string ("001" is a name, not a number); anything else is read as YAML
-        value = text if isinstance(current, str) else _override_value(dotted, text)
-    node[last] = value
-    return dotted
-
-
-def _override_value(dotted: str, text: str) -> Any:
-    try:
-        return compose(text, lambda _line: f"--set {dotted}: value {text!r}")[0]
-    except ConfigError as error:
-        if "malformed YAML" in error.message:
-            error.hint = ("the value after '=' is read as YAML: quote a string that starts "
-                          "with [, {, *, &, ! or @ or holds a tab: --set 'description=\"@home\"'")
-        raise
-
-
-def _child(node: Any, part: Any, walked: list[Any], dotted: str) -> Any:
-    here = ".".join(map(str, walked))
-    if isinstance(node, list):
-        if not isinstance(part, int) or not 0 <= part < len(node):
-            raise ConfigError(
-                f"--set {dotted}: path does not exist: '{here}' (a list of {len(node)})",
-                f"list items are numbered from 0 to {len(node) - 1}",
-            )
-        return node[part]
-    if isinstance(node, dict):
-        if part not in node:
-            known = ", ".join(map(str, node)) or "none"
-            raise ConfigError(f"--set {dotted}: path does not exist: '{here}'", f"keys there: {known}")
-        return node[part]
-    raise ConfigError(f"--set {dotted}: path does not exist: '{here}' is inside a plain value")
 
 
 def _stage_entries(loaded: PipelineFile) -> list[StageEntry]:

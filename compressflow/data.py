@@ -138,6 +138,13 @@ class DataBundle:
         return task.examples(self.val, batch, seq_len)
 
 
+def batch_size(loader: Any) -> int:
+    """The samples a batch of ``loader`` holds: its ``batch_size``, or its batch sampler's
+    (a loader built with ``batch_sampler=`` has none of its own)."""
+    size = loader.batch_size or getattr(loader.batch_sampler, "batch_size", None)
+    return int(size or 1)
+
+
 def _generators(loader: Any) -> list[Any]:
     """The distinct torch generators a loader draws from (its own, its samplers')."""
     import torch

@@ -262,12 +262,14 @@ class Group:
         from torch.utils.data import DataLoader
         from torch.utils.data.distributed import DistributedSampler
 
+        from compressflow.data import batch_size
+
         if not hasattr(loader.dataset, "__len__"):
             raise ConfigError("distributed training needs a dataset of known length (map-style)",
                               "drop distributed: from the stage, or use a map-style dataset")
         sampler = DistributedSampler(loader.dataset, num_replicas=self.world, rank=self.rank,
                                      shuffle=True, seed=seed)
-        batch = max(1, math.ceil((loader.batch_size or 1) / self.world))
+        batch = max(1, math.ceil(batch_size(loader) / self.world))
         return DataLoader(loader.dataset, batch_size=batch, sampler=sampler,
                           collate_fn=loader.collate_fn)
 

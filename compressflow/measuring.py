@@ -170,10 +170,17 @@ def compare_to_input(figures: dict[str, float], start: dict[str, float], metric:
     return out
 
 
+NOISE = 0.05
+"""How far below 1x an unchanged copy of a model can time for a whole window (where each
+copy lies in memory moves a short call: seen 0.97x, IQR 0.93-0.99 for MiniLM, IQR
+0.975-0.993 for a small MLP). A spread above ``1 - NOISE`` is not called slower."""
+
+
 def honesty_notes(figures: dict[str, float], before: dict[str, float], batch_sizes: list[int],
                   lengths: list[int | None]) -> list[str]:
     """Sentences for what the figures do not show at a glance: sparsity that saved no
-    bytes, a compressed model no faster than the input (within the spread), a slower one."""
+    bytes, a compressed model no faster than the input (its spread reaches 1x, or lies
+    within :data:`NOISE` below it), a slower one (its whole spread below that)."""
     notes = []
     sparser = figures["sparsity"] > before["sparsity"] + 1e-3
     compressed = sparser or figures["macs"] < before["macs"] or figures["size_bytes"] < before["size_bytes"]
@@ -188,8 +195,8 @@ def honesty_notes(figures: dict[str, float], before: dict[str, float], batch_siz
             median, q1, q3 = figures[ratio], figures[f"{ratio}_q1"], figures[f"{ratio}_q3"]
             spread = f"{median:.2f}x, IQR {q1:.2f}-{q3:.2f}"
             where = f"batch {batch}" + (f", {seq_len} tokens" if seq_len else "")
-            if q1 <= 1.0 <= q3 and compressed:
-                notes.append(f"latency at {where}: no measurable speedup over the input model ({spread})")
-            elif q3 < 1.0:
+            if q3 < 1.0 - NOISE:
                 notes.append(f"latency at {where}: slower than the input model ({spread})")
+            elif q1 <= 1.0 and compressed:
+                notes.append(f"latency at {where}: no measurable speedup over the input model ({spread})")
     return notes

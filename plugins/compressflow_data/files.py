@@ -112,14 +112,15 @@ def keep_fraction(count: int, ctx: DataContext, labels: np.ndarray | None = None
     return np.sort(kept)
 
 
-def loaders(train, val, ctx: DataContext, *, val_batch: int, collate=None, **bundle: Any
-            ) -> DataBundle:
-    """The bundle's three loaders: train shuffled by the seed, calibration
-    ``calibration_batches`` seeded batches of train, val in order."""
+def loaders(train, val, ctx: DataContext, *, val_batch: int, collate=None,
+            lengths: list[int] | None = None, **bundle: Any) -> DataBundle:
+    """The bundle's three loaders: train shuffled by the seed (in batches of similar
+    ``lengths`` when given), calibration ``calibration_batches`` seeded batches of train, val
+    in order."""
     import torch
     from torch.utils.data import DataLoader, Subset
 
-    from compressflow_data.batching import in_batches
+    from compressflow_data.batching import LengthGroupedBatches, in_batches
 
     spec = ctx.spec
     generator = torch.Generator().manual_seed(ctx.seed)
@@ -128,9 +129,14 @@ def loaders(train, val, ctx: DataContext, *, val_batch: int, collate=None, **bun
     calibration = Subset(train, calibration_rows.tolist())
     info = bundle.pop("info")
     info.splits = {"train": len(train), "eval": len(val), "calibration": len(calibration)}
+    if lengths is None:
+        train_loader = DataLoader(train, batch_size=spec.batch_size, shuffle=True,
+                                  generator=generator, collate_fn=collate)
+    else:
+        train_loader = DataLoader(train, collate_fn=collate, batch_sampler=LengthGroupedBatches(
+            lengths, spec.batch_size, generator))
     return DataBundle(
-        train=DataLoader(train, batch_size=spec.batch_size, shuffle=True, generator=generator,
-                         collate_fn=collate),
+        train=train_loader,
         val=in_batches(val, val_batch, collate),
         calibration=DataLoader(calibration, batch_size=spec.batch_size, collate_fn=collate),
         info=info, **bundle)

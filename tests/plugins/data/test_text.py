@@ -111,6 +111,31 @@ def test_text_lines_are_batched_padded_per_batch_and_eval_comes_from_eval_paths(
     assert bundle.num_classes is None and bundle.sample_shape is None
 
 
+def test_group_by_length_batches_lines_of_like_length_every_line_once(tmp_path):
+    rng = np.random.default_rng(0)
+    lines = [" ".join(rng.choice(WORDS, size=n)) for n in rng.integers(1, 40, size=300)]
+    write_lines(tmp_path / "train.txt", lines)
+    write_lines(tmp_path / "eval.txt", ["h i"])
+    args = {"paths": ["train.txt"], "eval_paths": ["eval.txt"], "max_length": 30,
+            "group_by_length": True}
+    model = tiny_lm(WORDS, eos=None)
+    grouped = load("text", args, tmp_path, task="embedding", model=model, batch_size=8)
+    plain = load("text", {**args, "group_by_length": False}, tmp_path, task="embedding",
+                 model=model, batch_size=8)
+    positions = lambda loader: sum(b["input_ids"].numel() for b in loader)
+    tokens = sum(min(len(line.split()), 30) for line in lines)
+    assert positions(grouped.train) < 1.2 * tokens < positions(plain.train)
+    seen = sorted(tuple(row[:n].tolist()) for b in grouped.train
+                  for row, n in zip(b["input_ids"], b["attention_mask"].sum(1)))
+    assert seen == sorted(tuple(row[:n].tolist()) for b in plain.train
+                          for row, n in zip(b["input_ids"], b["attention_mask"].sum(1)))
+    grouped.reseed(0)
+    first = [b["input_ids"].tolist() for b in grouped.train]
+    grouped.reseed(0)
+    assert [b["input_ids"].tolist() for b in grouped.train] == first  # seeded
+    assert len(grouped.calibration) == len(plain.calibration)  # calibration as before
+
+
 def test_causal_lm_windows_and_labels_exactly(tmp_path):
     # one stream: a b c <eos> d e f g <eos> (9 tokens); window 4, stride 3:
     # windows start at 0, 3 and (the tail) 5
@@ -166,6 +191,8 @@ def test_text_without_a_tokenizer_or_with_bad_windows_is_a_config_error(tmp_path
         load("text", {**args, "window": 8}, tmp_path, task="embedding", model=tiny_lm(WORDS))
     with pytest.raises(Exception, match="stride"):
         Text.Params.model_validate({**args, "window": 4, "stride": 5})
+    with pytest.raises(Exception, match="group_by_length is for lines"):
+        Text.Params.model_validate({**args, "window": 4, "group_by_length": True})
     with pytest.raises(Exception, match="eval_tokens needs window"):
         Text.Params.model_validate({**args, "eval_tokens": 100})
     with pytest.raises(Exception, match="eval_paths"):
