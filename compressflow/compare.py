@@ -49,7 +49,7 @@ def cost_of(figures: dict[str, float], by: str) -> float | None:
 def headline(uri: str, experiment: str) -> tuple[str, bool]:
     """The metric the experiment's newest pipeline run ranks by, and its direction (runs
     logged before tasks existed: accuracy, higher is better)."""
-    from compressflow.tracking import experiment_runs
+    from compressflow.store import experiment_runs
 
     for run in reversed(experiment_runs(uri, experiment, order_by=["attributes.start_time ASC"]) or []):
         if Tag.METRIC in run.data.tags:
@@ -61,7 +61,7 @@ def load_rows(uri: str, experiment: str, metric: str = "accuracy", by: str = "si
               sweep_id: str | None = None) -> list[Row]:
     """Every pipeline (parent) run of ``experiment``, oldest first; a sweep's alone if given."""
     from compressflow.errors import ConfigError
-    from compressflow.tracking import experiment_names, experiment_runs
+    from compressflow.store import experiment_names, experiment_runs
 
     runs = experiment_runs(uri, experiment, order_by=["attributes.start_time ASC"])
     if runs is None:

@@ -210,7 +210,7 @@ def _migrated(path: Path) -> None:
     """An empty store at ``path``, made and migrated by MLflow."""
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
-    from compressflow.tracking import quiet_mlflow_logs
+    from compressflow.store import quiet_mlflow_logs
 
     quiet_mlflow_logs()
     uri = f"sqlite:///{path}"
@@ -229,7 +229,7 @@ def _migrate(path: Path, revision: str | None) -> None:
     import sqlalchemy
     from mlflow.store.db.utils import _upgrade_db
 
-    from compressflow.tracking import quiet_mlflow_logs
+    from compressflow.store import quiet_mlflow_logs
 
     quiet_mlflow_logs()
     tmp = _partial(path)

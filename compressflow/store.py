@@ -1,5 +1,6 @@
 """The MLflow store's life: which URIs name a store, making a sqlite store whole, checking one
-before use, probing a server, and closing the runs of processes that died.
+before use, probing a server, closing the runs of processes that died, and reading which
+experiments and runs it holds (``compare``, ``sweep``) without creating one.
 
 Every command that opens a store calls :func:`prepare` first: a sqlite store is created or
 migrated whole (:mod:`compressflow.sqlite_store`), a server is probed.
@@ -225,3 +226,51 @@ def close_dead_runs(client: Any, experiment_ids: list[str]) -> list[str]:
             client.set_terminated(run.info.run_id, "KILLED")
             closed.append(run.info.run_id)
     return closed
+
+
+def quiet_mlflow_logs() -> None:
+    """Hide MLflow's table-creation notices and its pickle warning (a format chosen on purpose)."""
+    import logging
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
+
+
+def store_exists(uri: str) -> bool:
+    """False for a sqlite store whose file is not there yet (reading it would create it)."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///")).exists()
+    return True
+
+
+def experiment_names(uri: str) -> list[str] | None:
+    """The experiments of the store at ``uri`` (None: no store there; reading creates none)."""
+    check_uri(uri)
+    if not store_exists(uri):
+        return None
+    prepare(uri)
+    from mlflow.tracking import MlflowClient
+
+    quiet_mlflow_logs()
+    return [e.name for e in MlflowClient(uri).search_experiments()]
+
+
+def experiment_runs(uri: str, experiment: str, filter_string: str = "",
+                    order_by: list[str] | None = None) -> list[Any] | None:
+    """Every run of ``experiment`` (parents and stages) matching ``filter_string``; None when
+    the store or the experiment is not there. Runs left RUNNING by a dead process of this host
+    are closed as KILLED first."""
+    check_uri(uri)
+    if not store_exists(uri):
+        return None
+    prepare(uri)
+    from mlflow.tracking import MlflowClient
+
+    quiet_mlflow_logs()
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    close_dead_runs(client, [found.experiment_id])
+    return client.search_runs([found.experiment_id], filter_string, order_by=order_by,
+                              max_results=5000)

@@ -144,54 +144,6 @@ def flatten(prefix: str, value: Any) -> dict[str, Any]:
     return {prefix: value}
 
 
-def quiet_mlflow_logs() -> None:
-    """Hide MLflow's table-creation notices and its pickle warning (a format chosen on purpose)."""
-    import logging
-
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
-    logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
-
-
-def store_exists(uri: str) -> bool:
-    """False for a sqlite store whose file is not there yet (reading it would create it)."""
-    if uri.startswith("sqlite:///"):
-        return Path(uri.removeprefix("sqlite:///")).exists()
-    return True
-
-
-def experiment_names(uri: str) -> list[str] | None:
-    """The experiments of the store at ``uri`` (None: no store there; reading creates none)."""
-    store.check_uri(uri)
-    if not store_exists(uri):
-        return None
-    store.prepare(uri)
-    from mlflow.tracking import MlflowClient
-
-    quiet_mlflow_logs()
-    return [e.name for e in MlflowClient(uri).search_experiments()]
-
-
-def experiment_runs(uri: str, experiment: str, filter_string: str = "",
-                    order_by: list[str] | None = None) -> list[Any] | None:
-    """Every run of ``experiment`` (parents and stages) matching ``filter_string``; None when
-    the store or the experiment is not there. Runs left RUNNING by a dead process of this host
-    are closed as KILLED first."""
-    store.check_uri(uri)
-    if not store_exists(uri):
-        return None
-    store.prepare(uri)
-    from mlflow.tracking import MlflowClient
-
-    quiet_mlflow_logs()
-    client = MlflowClient(uri)
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        return None
-    store.close_dead_runs(client, [found.experiment_id])
-    return client.search_runs([found.experiment_id], filter_string, order_by=order_by,
-                              max_results=5000)
-
-
 def git_commit(folder: Path) -> str | None:
     """The commit of the git checkout holding ``folder``, if there is one."""
     try:
@@ -231,7 +183,7 @@ class Tracker:
                  artifacts: str | None = None) -> None:
         import mlflow
 
-        quiet_mlflow_logs()
+        store.quiet_mlflow_logs()
         store.prepare(uri)
 
         self.mlflow = mlflow

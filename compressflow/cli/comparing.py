@@ -50,7 +50,7 @@ def compare(
 
 def _only_experiment(uri: str) -> str:
     from compressflow.errors import ConfigError
-    from compressflow.tracking import experiment_names
+    from compressflow.store import experiment_names
 
     names = experiment_names(uri)
     if names is None:

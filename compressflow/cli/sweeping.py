@@ -65,7 +65,8 @@ def raise_no_reuse() -> None:
 
 
 def _logged_keys(uri: str, experiment: str) -> set[str]:
-    from compressflow.tracking import Tag, experiment_runs
+    from compressflow.store import experiment_runs
+    from compressflow.tracking import Tag
 
     runs = experiment_runs(uri, experiment, "attributes.status = 'FINISHED'") or []
     return {r.data.tags[Tag.STAGE_KEY] for r in runs

@@ -534,7 +534,8 @@ def test_compare_closes_dead_runs_and_spares_live_and_foreign_ones(db):
     from mlflow.tracking import MlflowClient
 
     from compressflow import store
-    from compressflow.tracking import Tag, experiment_runs
+    from compressflow.store import experiment_runs
+    from compressflow.tracking import Tag
 
     gone = subprocess.Popen(["true"])
     gone.wait()
