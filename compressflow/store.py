@@ -243,8 +243,9 @@ def store_exists(uri: str) -> bool:
     return True
 
 
-def experiment_names(uri: str) -> list[str] | None:
-    """The experiments of the store at ``uri`` (None: no store there; reading creates none)."""
+def _reader(uri: str) -> Any:
+    """An MlflowClient on the store at ``uri``, checked and prepared; None where no store is
+    (reading a sqlite file that is not there would create it)."""
     check_uri(uri)
     if not store_exists(uri):
         return None
@@ -252,7 +253,13 @@ def experiment_names(uri: str) -> list[str] | None:
     from mlflow.tracking import MlflowClient
 
     quiet_mlflow_logs()
-    return [e.name for e in MlflowClient(uri).search_experiments()]
+    return MlflowClient(uri)
+
+
+def experiment_names(uri: str) -> list[str] | None:
+    """The experiments of the store at ``uri`` (None: no store there; reading creates none)."""
+    client = _reader(uri)
+    return None if client is None else [e.name for e in client.search_experiments()]
 
 
 def experiment_runs(uri: str, experiment: str, filter_string: str = "",
@@ -260,15 +267,8 @@ def experiment_runs(uri: str, experiment: str, filter_string: str = "",
     """Every run of ``experiment`` (parents and stages) matching ``filter_string``; None when
     the store or the experiment is not there. Runs left RUNNING by a dead process of this host
     are closed as KILLED first."""
-    check_uri(uri)
-    if not store_exists(uri):
-        return None
-    prepare(uri)
-    from mlflow.tracking import MlflowClient
-
-    quiet_mlflow_logs()
-    client = MlflowClient(uri)
-    found = client.get_experiment_by_name(experiment)
+    client = _reader(uri)
+    found = None if client is None else client.get_experiment_by_name(experiment)
     if found is None:
         return None
     close_dead_runs(client, [found.experiment_id])
